@@ -1,0 +1,35 @@
+"""The embedded default: tiny UNet / VAE / CLIP text encoder trained from scratch on the generated
+captioned-shapes dataset ("a red circle on a blue background"). No download; a few minutes on 2 CPU cores.
+
+    sdjax train --config configs/demo.py --workdir workdirs/demo
+"""
+
+from sdjax.config import base_config
+
+
+def get_config():
+    c = base_config()
+
+    c.model.unet.update(
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64)
+    c.model.vae.update(
+        block_out_channels=(32, 32, 64), down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1, norm_num_groups=16, sample_size=32)
+    c.model.text_encoder.update(
+        vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        projection_dim=64)
+
+    c.data.source = "demo"
+    c.data.resolution = 32
+
+    c.optimizer.learning_rate = 1e-3
+    c.optimizer.warmup_steps = 50
+    c.optimizer.decay = "cosine"
+    c.optimizer.end_learning_rate = 1e-4
+
+    c.train.steps = 600
+    c.train.batch_size = 32
+    c.train.log_every = 25
+    return c

@@ -1,0 +1,190 @@
+"""The config schema (every key a run reads, with its default) and its validation.
+
+Config files in `configs/` start from `base_config()` and override what they need; the command line then
+overrides any field (`--config.train.steps=50`). `validate` runs before anything is compiled and names the
+key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+PRECISIONS = ("bf16", "fp32")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+OPTIMIZERS = ("adamw",)
+DECAYS = ("constant", "linear", "cosine")
+ATTENTIONS = ("default", "memory_efficient")
+MESH_AXES = ("data", "fsdp")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    c.model = ml_collections.ConfigDict()
+    c.model.pretrained = ""  # a local diffusers-format folder; when set, it replaces unet/vae/text_encoder below
+    c.model.attention = "default"  # | "memory_efficient" (diffusers' chunked attention)
+    c.model.unet = ml_collections.ConfigDict(dict(  # FlaxUNet2DConditionModel kwargs (SD 1.5 shapes)
+        sample_size=64, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8,
+        cross_attention_dim=768))
+    c.model.vae = ml_collections.ConfigDict(dict(  # FlaxAutoencoderKL kwargs (SD 1.5 shapes)
+        in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, norm_num_groups=32,
+        sample_size=512, scaling_factor=0.18215))
+    c.model.text_encoder = ml_collections.ConfigDict(dict(  # transformers CLIPTextConfig kwargs (CLIP ViT-L/14)
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768))
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "demo"
+    c.data.path = ""
+    c.data.resolution = 512
+    c.data.max_length = 77  # caption tokens, padded
+    c.data.random_crop = False  # centre crop otherwise
+    c.data.random_flip = False
+    c.data.caption_dropout = 0.1  # empty caption at this rate: what classifier-free guidance needs
+    c.data.num_threads = 2  # decoding threads feeding the step
+    c.data.prefetch = 4  # batches decoded ahead
+    c.data.demo_num_examples = 2048
+    c.data.demo_num_eval_examples = 64
+    c.data.demo_seed = 0
+
+    c.diffusion = ml_collections.ConfigDict()
+    c.diffusion.num_train_timesteps = 1000
+    c.diffusion.beta_schedule = "scaled_linear"
+    c.diffusion.beta_start = 0.00085
+    c.diffusion.beta_end = 0.012
+    c.diffusion.prediction_type = "epsilon"
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "adamw"
+    c.optimizer.learning_rate = 1e-4
+    c.optimizer.warmup_steps = 500
+    c.optimizer.decay = "constant"  # after warmup: | "linear" | "cosine" (to end_learning_rate at train.steps)
+    c.optimizer.end_learning_rate = 0.0
+    c.optimizer.weight_decay = 1e-2
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-8
+    c.optimizer.grad_clip_norm = 1.0  # global norm; 0 disables clipping
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 10_000
+    c.train.batch_size = 16  # global, over all hosts and devices
+    c.train.seed = 0
+    c.train.precision = "bf16"  # compute dtype; params and optimizer state stay float32
+    c.train.log_every = 10
+    c.train.compilation_cache_dir = "~/.cache/sdjax/xla"  # XLA's persistent cache; "" disables it
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: every device not used by the other axes
+    c.mesh.fsdp = 1
+    c.mesh.fsdp_min_size = 2**14  # params with fewer elements stay replicated under FSDP
+    return c
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key, the value and what is allowed."""
+
+    def __init__(self, key: str, value, allowed: str):
+        super().__init__(f"config.{key}={value!r} is invalid: {allowed}.")
+        self.key = key
+
+
+def _choice(config, key: str, options) -> None:
+    value = config
+    for part in key.split("."):
+        value = value[part]
+    if value not in options:
+        raise ConfigError(key, value, f"expected one of {list(options)}")
+
+
+def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+    """Axis sizes with -1 resolved; raises ConfigError if they cannot tile `num_devices`."""
+    sizes = {axis: int(config.mesh[axis]) for axis in MESH_AXES}
+    for axis, size in sizes.items():
+        if size == 0 or size < -1:
+            raise ConfigError(f"mesh.{axis}", size, "expected a positive axis size or -1 (fill)")
+    free = [axis for axis, size in sizes.items() if size == -1]
+    if len(free) > 1:
+        raise ConfigError(f"mesh.{free[1]}", -1, "only one mesh axis may be -1")
+    fixed = 1
+    for size in sizes.values():
+        fixed *= size if size != -1 else 1
+    if free:
+        if num_devices % fixed:
+            culprit = next(axis for axis, size in sizes.items() if size not in (-1, 1))
+            raise ConfigError(f"mesh.{culprit}", sizes[culprit], f"the fixed mesh axes ({fixed} devices) do not "
+                                                                 f"divide the {num_devices} devices present")
+        sizes[free[0]] = num_devices // fixed
+    elif fixed != num_devices:
+        raise ConfigError("mesh", dict(sizes), f"the axis sizes multiply to {fixed}, but {num_devices} devices "
+                                               "are present (set one axis to -1 to fill)")
+    return sizes
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int, process_count: int = 1) -> None:
+    """Raises ConfigError for the first value that would fail later; cheap, nothing is built or compiled."""
+    _choice(config, "train.precision", PRECISIONS)
+    _choice(config, "diffusion.prediction_type", PREDICTION_TYPES)
+    _choice(config, "diffusion.beta_schedule", BETA_SCHEDULES)
+    _choice(config, "optimizer.name", OPTIMIZERS)
+    _choice(config, "optimizer.decay", DECAYS)
+    _choice(config, "model.attention", ATTENTIONS)
+    from sdjax.data import SOURCES
+    _choice(config, "data.source", SOURCES)
+
+    for key in ("train.steps", "train.batch_size", "train.log_every", "data.resolution", "data.max_length",
+                "diffusion.num_train_timesteps"):
+        group, name = key.split(".")
+        if config[group][name] <= 0:
+            raise ConfigError(key, config[group][name], "expected a positive integer")
+    if config.optimizer.learning_rate <= 0:
+        raise ConfigError("optimizer.learning_rate", config.optimizer.learning_rate, "expected > 0")
+    if not 0 <= config.optimizer.warmup_steps <= config.train.steps:
+        raise ConfigError("optimizer.warmup_steps", config.optimizer.warmup_steps,
+                          f"expected between 0 and train.steps={config.train.steps}")
+    if not 0 <= config.data.caption_dropout < 1:
+        raise ConfigError("data.caption_dropout", config.data.caption_dropout, "expected a rate in [0, 1)")
+
+    sizes = mesh_shape(config, num_devices)
+    data_parallel = sizes["data"] * sizes["fsdp"]
+    if config.train.batch_size % data_parallel:
+        raise ConfigError("train.batch_size", config.train.batch_size,
+                          f"the global batch must be a multiple of the data-parallel devices "
+                          f"(mesh.data x mesh.fsdp = {sizes['data']} x {sizes['fsdp']} = {data_parallel})")
+    if config.train.batch_size % process_count:
+        raise ConfigError("train.batch_size", config.train.batch_size,
+                          f"the global batch must be a multiple of the {process_count} processes")
+
+
+def validate_against_models(config: ml_collections.ConfigDict, models) -> None:
+    """Checks that need the built modules (shapes of a pretrained folder too); still nothing compiled."""
+    unet = models.unet
+    downsamples = sum(1 for kind in unet.down_block_types) - 1
+    multiple = models.vae_scale_factor * 2**downsamples
+    if config.data.resolution % multiple:
+        raise ConfigError("data.resolution", config.data.resolution,
+                          f"expected a multiple of {multiple} (the VAE downsamples by {models.vae_scale_factor}, "
+                          f"the UNet by {2**downsamples} more)")
+    if models.latent_channels != unet.in_channels:
+        raise ConfigError("model.unet.in_channels", unet.in_channels,
+                          f"expected the VAE's latent_channels ({models.latent_channels})")
+    if models.text_encoder_config.hidden_size != unet.cross_attention_dim:
+        raise ConfigError("model.unet.cross_attention_dim", unet.cross_attention_dim,
+                          f"expected the text encoder's hidden_size ({models.text_encoder_config.hidden_size})")
+    if models.text_encoder_config.vocab_size < len(models.tokenizer):
+        raise ConfigError("model.text_encoder.vocab_size", models.text_encoder_config.vocab_size,
+                          f"expected at least the tokenizer's {len(models.tokenizer)} tokens")
+    if config.data.max_length > models.text_encoder_config.max_position_embeddings:
+        raise ConfigError("data.max_length", config.data.max_length,
+                          f"expected at most model.text_encoder.max_position_embeddings "
+                          f"({models.text_encoder_config.max_position_embeddings})")
+    for channels in list(unet.block_out_channels):
+        if channels % 32:
+            raise ConfigError("model.unet.block_out_channels", tuple(unet.block_out_channels),
+                              "diffusers' Flax UNet uses GroupNorm(32): every entry must be a multiple of 32")

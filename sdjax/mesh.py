@@ -1,0 +1,53 @@
+"""The device mesh and every sharding rule, in one place.
+
+Axes: `data` (pure data parallel: params replicated) and `fsdp` (data parallel too, but params and optimizer
+state are split along it). The batch is split over both. Switching DP <-> FSDP is a config change
+(`mesh.fsdp`), never an edit to the model or the step.
+"""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from sdjax.config import MESH_AXES, mesh_shape
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
+    devices = jax.devices() if devices is None else list(devices)
+    sizes = mesh_shape(config, len(devices))
+    shape = tuple(sizes[axis] for axis in MESH_AXES)
+    # jax.make_mesh orders devices by the physical topology (ICI rings on TPU) when it knows it.
+    # Auto axes: shardings are given at the jit boundary and XLA propagates them inside the models.
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dimension split over every data-parallel device."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int) -> P:
+    """Splits the largest dimension divisible by the fsdp axis; small or indivisible arrays stay replicated."""
+    if fsdp_size == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+        return P()
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+        if shape[dim] % fsdp_size == 0:
+            spec = [None] * len(shape)
+            spec[dim] = "fsdp"
+            return P(*spec)
+    return P()
+
+
+def tree_shardings(tree, mesh: Mesh, min_size: int):
+    """NamedShardings for a pytree of arrays/ShapeDtypeStructs (params, optimizer state) by the fsdp rule."""
+    fsdp_size = mesh.shape["fsdp"]
+    return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), fsdp_size, min_size)), tree)

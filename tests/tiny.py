@@ -1,0 +1,30 @@
+"""The smallest config that still exercises every part of the step (used by most tests)."""
+
+import os
+
+from ml_collections import config_flags  # noqa: F401  (config files are plain modules too)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config_file(name: str):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"configs_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def tiny_config():
+    c = load_config_file("demo")
+    c.data.resolution = 16
+    c.data.demo_num_examples = 64
+    c.data.num_threads = 1
+    c.train.batch_size = 8
+    c.train.steps = 4
+    c.train.log_every = 1
+    c.train.precision = "fp32"
+    c.train.compilation_cache_dir = ""
+    c.optimizer.warmup_steps = 2
+    c.mesh.fsdp_min_size = 256
+    return c
