@@ -21,7 +21,7 @@ def get_config():
         vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         projection_dim=64)
 
-    c.data.source = "demo"
+    c.data.source = "auto"  # the generated shapes; --config.data.path=DIR trains on your images instead
     c.data.resolution = 32
 
     c.optimizer.learning_rate = 1e-3
@@ -32,4 +32,12 @@ def get_config():
     c.train.steps = 600
     c.train.batch_size = 32
     c.train.log_every = 25
+    c.train.ema_decay = 0.999  # over 600 steps the warmup (1 + n) / (10 + n) sets the decay
+    c.train.sample_every = 100  # grids in WORKDIR/samples and TensorBoard
+    c.train.eval_every = 100
+    c.train.checkpoint_every = 100  # a stopped or killed demo resumes losing at most 100 steps
+
+    c.sample.prompts = ("a red circle on a blue background", "a yellow square on a black background",
+                        "a white triangle on a green background")
+    c.sample.steps = 25
     return c

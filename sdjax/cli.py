@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import sys
 
 from absl import flags, logging
@@ -14,11 +15,25 @@ USAGE = """usage: sdjax <command> [flags]
 
 commands:
   train    train (fine-tune or from scratch): --config FILE --workdir DIR [--config.KEY=VALUE ...]
+  cache-latents
+           encode the dataset once with the VAE (then train with --config.data.latent_cache=DIR):
+           --config FILE --out DIR
+  plan     memory and speed of a config's train step on a TPU topology, compiled on this host:
+           --config FILE --topology v5e:2x2 [--max-batch]
+  sample   text -> images with classifier-free guidance, from a run or a local diffusers folder:
+           (--workdir DIR [--step N] | --pretrained PATH) --prompt "..." [--prompt ...] [--negative-prompt "..."]
+           [--num-images K] [--scheduler ddim|pndm|lms|dpm|euler|ddpm] [--steps 50] [--guidance 7.5] [--seed S]
+           [--out grid.png] [--out-dir DIR]
+  export   a run's checkpoint -> a diffusers folder (safetensors) for PyTorch's StableDiffusionPipeline:
+           --workdir DIR --out OUT [--step N] [--format pytorch|flax] [--ema|--noema]
 
 `sdjax <command> --help` lists a command's flags."""
 
 
 def _parse(flag_values: flags.FlagValues, argv: list[str]) -> None:
+    if any(arg in ("-h", "--help", "-help") for arg in argv[1:]):
+        print(f"usage: {argv[0]} [flags]\n\n{flag_values.main_module_help() or flag_values}")
+        sys.exit(0)
     try:
         flag_values(argv)
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
@@ -31,27 +46,181 @@ def _parse(flag_values: flags.FlagValues, argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
 
 
-def _train(argv: list[str]) -> int:
-    fv = flags.FlagValues()
+def _define_config_flag(fv: flags.FlagValues, argv: list[str]) -> None:
     # sys_argv: config_flags finds the --config.KEY overrides in this argv, not in sys.argv.
     config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", flag_values=fv,
                                     lock_config=True, sys_argv=argv)
+
+
+def _train(argv: list[str]) -> int:
+    fv = flags.FlagValues()
+    _define_config_flag(fv, argv)
     flags.DEFINE_string("workdir", None, "Where metrics, checkpoints and samples go.", flag_values=fv)
+    # Multi-process runs outside Cloud TPU / GKE (where these are detected): the same three on every process.
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0.", flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, "How many processes the run has.", flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes - 1.", flag_values=fv)
     flags.mark_flags_as_required(["config", "workdir"], flag_values=fv)
     _parse(fv, argv)
 
+    from sdjax import distributed
+    try:  # before anything touches a device
+        distributed.initialize(fv.coordinator_address, fv.num_processes, fv.process_id)
+    except distributed.DistributedFlagsError as e:
+        sys.exit(f"sdjax train: {e}")
+
+    import jax
+
     from sdjax import train as train_lib
     from sdjax.config import ConfigError
+    from sdjax.data import DataError
 
     try:
         result = train_lib.train(fv.config, fv.workdir)
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:
         sys.exit(f"sdjax train: {e}")
-    print(train_lib.summarize(result))
+    if jax.process_index() == 0:
+        print(train_lib.summarize(result))
     return 0
 
 
-COMMANDS = {"train": _train}
+def _plan(argv: list[str]) -> int:
+    fv = flags.FlagValues()
+    _define_config_flag(fv, argv)
+    flags.DEFINE_string("topology", "v5e:2x2", "A TPU topology ('v5e:2x2', 'v5p:2x2x1', 'v4:2x2x1', 'v6e:2x2'), "
+                        "'cpu:N' or 'local'.", flag_values=fv)
+    flags.DEFINE_boolean("max_batch", False, "Search the largest per-device batch that fits.", flag_values=fv)
+    flags.DEFINE_string("cache_dir", "~/.cache/sdjax/plan", "Where compile results are cached ('' disables).",
+                        flag_values=fv)
+    flags.mark_flags_as_required(["config"], flag_values=fv)
+    _parse(fv, [a.replace("--max-batch", "--max_batch") for a in argv])
+
+    from sdjax import plan as plan_lib
+    from sdjax.config import ConfigError
+
+    cache_dir = fv.cache_dir and os.path.expanduser(fv.cache_dir)
+    try:
+        if fv.max_batch:
+            best, plans = plan_lib.max_batch_per_device(fv.config, fv.topology, cache_dir)
+            plans = sorted(plans, key=lambda p: p.batch_per_device)
+            print(plan_lib.format_table(plans))
+            print(f"\nlargest batch that fits: {best} per device "
+                  f"({best * plans[0].num_devices} global) on {fv.topology}")
+        else:
+            print(plan_lib.format_table([plan_lib.plan_step(fv.config, fv.topology, cache_dir)]))
+    except (ConfigError, ValueError) as e:
+        sys.exit(f"sdjax plan: {e}")
+    return 0
+
+
+def _cache_latents(argv: list[str]) -> int:
+    fv = flags.FlagValues()
+    _define_config_flag(fv, argv)
+    flags.DEFINE_string("out", None, "Folder for the cache (then train with --config.data.latent_cache=OUT).",
+                        flag_values=fv)
+    flags.mark_flags_as_required(["config", "out"], flag_values=fv)
+    _parse(fv, argv)
+
+    import json
+
+    from sdjax import distributed
+    distributed.initialize()  # on a TPU pod every host encodes its share of the records into its own shard
+
+    from sdjax.config import ConfigError
+    from sdjax.data import DataError
+    from sdjax.data.latent_cache import cache_latents
+
+    try:
+        summary = cache_latents(fv.config, fv.out)
+    except (ConfigError, DataError) as e:
+        sys.exit(f"sdjax cache-latents: {e}")
+    print(json.dumps(summary))
+    return 0
+
+
+def _dashes_to_underscores(argv: list[str]) -> list[str]:
+    """`--num-images=4` -> `--num_images=4`: absl flag names have underscores; the docs spell them with dashes."""
+    def fix(arg: str) -> str:
+        if not arg.startswith("--"):
+            return arg
+        name, sep, value = arg[2:].partition("=")
+        return "--" + name.replace("-", "_") + sep + value
+    return [argv[0]] + [fix(arg) for arg in argv[1:]]
+
+
+def _sample(argv: list[str]) -> int:
+    from sdjax.config import SCHEDULERS
+
+    fv = flags.FlagValues()
+    flags.DEFINE_string("workdir", None, "A `sdjax train` workdir: samples from its newest checkpoint.", flag_values=fv)
+    flags.DEFINE_integer("step", None, "With --workdir: that checkpoint step instead of the newest.", flag_values=fv)
+    flags.DEFINE_string("pretrained", None, "A local diffusers-format folder (instead of --workdir).", flag_values=fv)
+    flags.DEFINE_boolean("ema", True, "Use the run's EMA UNet weights when it kept them.", flag_values=fv)
+    flags.DEFINE_multi_string("prompt", None, "A prompt (repeat for more: one grid row each).", flag_values=fv)
+    flags.DEFINE_string("negative_prompt", "", "What guidance steers away from ('' = unconditional).",
+                        flag_values=fv)
+    flags.DEFINE_integer("num_images", 4, "Images per prompt (grid columns; image j uses seed offset j).",
+                         flag_values=fv)
+    flags.DEFINE_enum("scheduler", "ddim", SCHEDULERS, "Sampling scheduler.", flag_values=fv)
+    flags.DEFINE_integer("steps", 50, "Denoising steps.", flag_values=fv)
+    flags.DEFINE_float("guidance", 7.5, "Classifier-free guidance scale (1: conditional only).", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "Same seed, same images.", flag_values=fv)
+    flags.DEFINE_string("out", "grid.png", "The grid PNG ('' writes none).", flag_values=fv)
+    flags.DEFINE_string("out_dir", None, "Also one PNG per image in this folder.", flag_values=fv)
+    flags.DEFINE_enum("precision", None, ["bf16", "fp32"], "Compute dtype (default: the run's; bf16 for "
+                      "--pretrained).", flag_values=fv)
+    flags.mark_flags_as_required(["prompt"], flag_values=fv)
+    _parse(fv, _dashes_to_underscores(argv))
+
+    import json
+
+    from sdjax import sample as sample_lib
+    from sdjax.checkpoint import NoCheckpointError
+    from sdjax.models import PretrainedFolderError
+    from sdjax.train import enable_compilation_cache
+
+    try:
+        config, params, step = sample_lib.load_for_sampling(fv.workdir, fv.step, fv.pretrained, fv.ema)
+        if fv.precision:
+            config.train.precision = fv.precision
+        enable_compilation_cache(config.train.compilation_cache_dir)
+        summary = sample_lib.sample_to_files(
+            config, params, fv.prompt, fv.num_images, fv.out, fv.out_dir, fv.negative_prompt, fv.scheduler,
+            fv.steps, fv.guidance, fv.seed)
+    except (sample_lib.SampleSourceError, NoCheckpointError, PretrainedFolderError, ValueError) as e:
+        sys.exit(f"sdjax sample: {e}")
+    print(json.dumps({"step": step, **summary}))
+    return 0
+
+
+def _export(argv: list[str]) -> int:
+    fv = flags.FlagValues()
+    flags.DEFINE_string("workdir", None, "A `sdjax train` workdir.", flag_values=fv)
+    flags.DEFINE_integer("step", None, "That checkpoint step instead of the newest complete one.", flag_values=fv)
+    flags.DEFINE_string("out", None, "The folder to write (must not exist yet).", flag_values=fv)
+    flags.DEFINE_enum("format", "pytorch", ["pytorch", "flax"], "pytorch: safetensors for StableDiffusionPipeline; "
+                      "flax: msgpack for FlaxStableDiffusionPipeline.", flag_values=fv)
+    flags.DEFINE_boolean("ema", True, "Export the run's EMA UNet weights when it kept them (--noema: the raw ones).",
+                         flag_values=fv)
+    flags.mark_flags_as_required(["workdir", "out"], flag_values=fv)
+    _parse(fv, argv)
+
+    import dataclasses
+    import json
+
+    from sdjax import export as export_lib
+    from sdjax.checkpoint import NoCheckpointError
+    from sdjax.models import PretrainedFolderError
+
+    try:
+        result = export_lib.export(fv.workdir, fv.out, fv.step, fv.format, fv.ema)
+    except (export_lib.ExportError, NoCheckpointError, PretrainedFolderError) as e:
+        sys.exit(f"sdjax export: {e}")
+    print(json.dumps(dataclasses.asdict(result)))
+    return 0
+
+
+COMMANDS = {"train": _train, "plan": _plan, "cache-latents": _cache_latents, "sample": _sample, "export": _export}
 
 
 def main(argv: list[str] | None = None) -> int:

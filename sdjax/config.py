@@ -12,10 +12,12 @@ import ml_collections
 PRECISIONS = ("bf16", "fp32")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-OPTIMIZERS = ("adamw",)
+OPTIMIZERS = ("adamw", "adafactor", "adamw_bf16")  # sdjax/optim.py
+REMAT_POLICIES = ("none", "minimal", "full")  # sdjax/models/remat.py
 DECAYS = ("constant", "linear", "cosine")
 ATTENTIONS = ("default", "memory_efficient")
 MESH_AXES = ("data", "fsdp")
+SCHEDULERS = ("ddim", "pndm", "lms", "dpm", "euler", "ddpm")  # sampling schedulers (sdjax/models/schedulers.py)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -40,15 +42,29 @@ def base_config() -> ml_collections.ConfigDict:
         max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768))
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "demo"
-    c.data.path = ""
+    c.data.source = "demo"  # | "imagefolder" | "webdataset" | "tfds" | "auto" (from data.path; see data/sources.py)
+    c.data.path = ""  # imagefolder: folder; webdataset: shards (/d/{00000..00099}.tar, glob, folder); tfds: name
+    c.data.split = "train"  # tfds split
+    c.data.eval_path = ""  # held-out data for train.eval_every, like data.path (imagefolder, webdataset)
+    c.data.eval_split = ""  # tfds: held-out split for train.eval_every (e.g. "validation")
+    c.data.tfds_data_dir = ""  # where the TFDS dataset was prepared ("" = TFDS' default)
+    c.data.image_column = "image"  # tfds: the image feature
+    c.data.caption_column = "text"  # imagefolder: metadata column; tfds: feature ("captions/text" for coco_captions)
+    c.data.index_cache_dir = "~/.cache/sdjax/tar_index"  # webdataset: member indexes of scanned shards ("" = none)
     c.data.resolution = 512
     c.data.max_length = 77  # caption tokens, padded
     c.data.random_crop = False  # centre crop otherwise
     c.data.random_flip = False
     c.data.caption_dropout = 0.1  # empty caption at this rate: what classifier-free guidance needs
-    c.data.num_threads = 2  # decoding threads feeding the step
+    c.data.min_image_size = 0  # images whose shorter side is below this are skipped as bad
+    c.data.max_bad_fraction = 0.1  # fail when more of the records read are bad (unreadable, no caption, ...)
+    c.data.num_threads = 2  # decoding threads feeding the step (per worker process when num_workers > 0)
+    c.data.num_workers = 0  # worker processes decoding batches (grain mp_prefetch); 0: threads of this process
     c.data.prefetch = 4  # batches decoded ahead
+    c.data.latent_cache = ""  # a folder written by `sdjax cache-latents`: train on its VAE latents, not images
+    c.data.aspect_buckets = False  # batches of one aspect-ratio bucket each (fine-tuning on mixed shapes)
+    c.data.bucket_step = 64  # bucket sides are multiples of this (of the VAE x UNet downsampling)
+    c.data.bucket_max_aspect = 2.0  # the most elongated bucket (long side / short side)
     c.data.demo_num_examples = 2048
     c.data.demo_num_eval_examples = 64
     c.data.demo_seed = 0
@@ -61,7 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.diffusion.prediction_type = "epsilon"
 
     c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.name = "adamw"
+    c.optimizer.name = "adamw"  # | "adafactor" (factored 2nd moment, no 1st) | "adamw_bf16" (bf16 moments)
     c.optimizer.learning_rate = 1e-4
     c.optimizer.warmup_steps = 500
     c.optimizer.decay = "constant"  # after warmup: | "linear" | "cosine" (to end_learning_rate at train.steps)
@@ -79,6 +95,24 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.precision = "bf16"  # compute dtype; params and optimizer state stay float32
     c.train.log_every = 10
     c.train.compilation_cache_dir = "~/.cache/sdjax/xla"  # XLA's persistent cache; "" disables it
+    c.train.remat = "none"  # UNet activations recomputed in the backward pass: | "minimal" | "full" (less memory)
+    c.train.grad_accum = 1  # micro-batches per step (same update, 1/grad_accum of the activation memory)
+    c.train.checkpoint_every = 1000  # steps between (async) checkpoints; also saved at the end and on SIGTERM
+    c.train.keep_checkpoints = 3  # the newest checkpoints kept; older ones are deleted
+    c.train.keep_checkpoint_every = 0  # also keep every checkpoint whose step is a multiple of this; 0: none
+    c.train.checkpoint_dir = ""  # "" is WORKDIR/checkpoints; any local or gs:// path
+    c.train.ema_decay = 0.0  # EMA of the UNet params, max decay (e.g. 0.9999, warmed up); 0 keeps no EMA
+    c.train.sample_every = 0  # steps between sample grids of `sample.prompts` (WORKDIR/samples, TensorBoard); 0: never
+    c.train.eval_every = 0  # steps between validation losses on the eval split (fixed noise, timesteps); 0: never
+
+    c.sample = ml_collections.ConfigDict()  # the grids sampled during training (`sdjax sample` has flags)
+    c.sample.prompts = ("a photograph of an astronaut riding a horse", "a watercolor painting of a lighthouse")
+    c.sample.negative_prompt = ""  # the unconditional side of classifier-free guidance
+    c.sample.images_per_prompt = 4  # grid columns; image j of every grid uses the same seed
+    c.sample.seed = 0
+    c.sample.scheduler = "ddim"  # | "pndm" | "lms" | "dpm" | "euler" | "ddpm"
+    c.sample.steps = 50
+    c.sample.guidance = 7.5  # classifier-free guidance scale; 1 is the conditional prediction alone
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: every device not used by the other axes
@@ -135,8 +169,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     _choice(config, "optimizer.name", OPTIMIZERS)
     _choice(config, "optimizer.decay", DECAYS)
     _choice(config, "model.attention", ATTENTIONS)
+    _choice(config, "train.remat", REMAT_POLICIES)
+    _choice(config, "sample.scheduler", SCHEDULERS)
     from sdjax.data import SOURCES
+    from sdjax.data.sources import resolve_auto_source
     _choice(config, "data.source", SOURCES)
+    resolve_auto_source(config)
 
     for key in ("train.steps", "train.batch_size", "train.log_every", "data.resolution", "data.max_length",
                 "diffusion.num_train_timesteps"):
@@ -150,6 +188,27 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
                           f"expected between 0 and train.steps={config.train.steps}")
     if not 0 <= config.data.caption_dropout < 1:
         raise ConfigError("data.caption_dropout", config.data.caption_dropout, "expected a rate in [0, 1)")
+    _validate_data(config)
+    _validate_checkpointing(config.train)
+
+    if not 0 <= config.train.ema_decay < 1:
+        raise ConfigError("train.ema_decay", config.train.ema_decay, "expected a decay in [0, 1) (0 disables EMA)")
+    for key in ("train.sample_every", "train.eval_every"):
+        group, name = key.split(".")
+        if config[group][name] < 0:
+            raise ConfigError(key, config[group][name], "expected a number of steps >= 0 (0 disables)")
+    _validate_sampling(config)
+    from sdjax.data import has_eval_split
+    if config.train.eval_every and not has_eval_split(config):
+        held_out = "data.eval_split" if config.data.source == "tfds" else "data.eval_path"
+        raise ConfigError("train.eval_every", config.train.eval_every,
+                          f"data.source={config.data.source!r} has no held-out data: set {held_out}, or "
+                          "train.eval_every=0")
+    if config.train.eval_every and config.data.source == "demo" and \
+            config.data.demo_num_eval_examples < config.train.batch_size:
+        raise ConfigError("data.demo_num_eval_examples", config.data.demo_num_eval_examples,
+                          f"train.eval_every needs at least one global batch (train.batch_size="
+                          f"{config.train.batch_size}) of eval examples")
 
     sizes = mesh_shape(config, num_devices)
     data_parallel = sizes["data"] * sizes["fsdp"]
@@ -160,6 +219,66 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     if config.train.batch_size % process_count:
         raise ConfigError("train.batch_size", config.train.batch_size,
                           f"the global batch must be a multiple of the {process_count} processes")
+    per_device_batch = config.train.batch_size // data_parallel
+    if config.train.grad_accum < 1 or per_device_batch % config.train.grad_accum:
+        # Every micro-batch takes the same share of every device's examples, so none idles or waits.
+        raise ConfigError("train.grad_accum", config.train.grad_accum,
+                          f"expected a divisor of the per-device batch (train.batch_size / data-parallel devices "
+                          f"= {config.train.batch_size} / {data_parallel} = {per_device_batch})")
+
+
+def _validate_sampling(config: ml_collections.ConfigDict) -> None:
+    sample = config.sample
+    if config.train.sample_every:
+        if not sample.prompts or not all(isinstance(p, str) for p in sample.prompts):
+            raise ConfigError("sample.prompts", sample.prompts, "train.sample_every needs a tuple of prompt strings")
+        if sample.images_per_prompt < 1:
+            raise ConfigError("sample.images_per_prompt", sample.images_per_prompt, "expected at least 1")
+    min_steps, max_steps = (2 if sample.scheduler == "pndm" else 1), config.diffusion.num_train_timesteps
+    if not min_steps <= sample.steps <= max_steps:
+        raise ConfigError("sample.steps", sample.steps,
+                          f"expected between {min_steps} and diffusion.num_train_timesteps={max_steps}")
+    if sample.guidance < 0:
+        raise ConfigError("sample.guidance", sample.guidance, "expected a guidance scale >= 0")
+
+
+def _validate_checkpointing(train: ml_collections.ConfigDict) -> None:
+    if train.checkpoint_every <= 0:
+        raise ConfigError("train.checkpoint_every", train.checkpoint_every, "expected a positive number of steps")
+    if train.keep_checkpoints < 1:
+        raise ConfigError("train.keep_checkpoints", train.keep_checkpoints, "expected at least 1")
+    if train.keep_checkpoint_every < 0 or train.keep_checkpoint_every % train.checkpoint_every:
+        # Checkpoints exist only at multiples of checkpoint_every (and at the end), so other values keep none.
+        raise ConfigError("train.keep_checkpoint_every", train.keep_checkpoint_every,
+                          f"expected 0 or a multiple of train.checkpoint_every={train.checkpoint_every}")
+
+
+def _validate_data(config: ml_collections.ConfigDict) -> None:
+    from sdjax.data.records import MAX_BAD_FRACTION
+    data = config.data
+    if data.source != "demo" and not data.path and not data.latent_cache:
+        raise ConfigError("data.path", data.path, f"data.source={data.source!r} needs a path: a folder "
+                                                  "(imagefolder), shards (webdataset) or a dataset name (tfds)")
+    if data.source == "demo" and data.path:
+        raise ConfigError("data.source", data.source, f"data.path={data.path!r} is set but the demo source "
+                                                      "ignores it: set data.source=imagefolder, webdataset or tfds")
+    if not 0 <= data.max_bad_fraction <= MAX_BAD_FRACTION:
+        raise ConfigError("data.max_bad_fraction", data.max_bad_fraction,
+                          f"expected a fraction in [0, {MAX_BAD_FRACTION}] (clean a dataset that is worse)")
+    for key, least in (("min_image_size", 0), ("num_workers", 0), ("num_threads", 1), ("prefetch", 1),
+                       ("bucket_step", 1)):
+        if data[key] < least:
+            raise ConfigError(f"data.{key}", data[key], f"expected an integer >= {least}")
+    if data.bucket_max_aspect < 1:
+        raise ConfigError("data.bucket_max_aspect", data.bucket_max_aspect, "expected a ratio >= 1")
+    if data.latent_cache:
+        if not config.model.pretrained:
+            raise ConfigError("data.latent_cache", data.latent_cache, "a latent cache needs model.pretrained (the "
+                                                                      "VAE it was written with)")
+        for key in ("random_crop", "random_flip", "aspect_buckets"):
+            if data[key]:
+                raise ConfigError(f"data.{key}", data[key], "expected False with data.latent_cache (the cache "
+                                                            "holds the centre crop, encoded once)")
 
 
 def validate_against_models(config: ml_collections.ConfigDict, models) -> None:
@@ -171,6 +290,9 @@ def validate_against_models(config: ml_collections.ConfigDict, models) -> None:
         raise ConfigError("data.resolution", config.data.resolution,
                           f"expected a multiple of {multiple} (the VAE downsamples by {models.vae_scale_factor}, "
                           f"the UNet by {2**downsamples} more)")
+    if config.data.aspect_buckets and config.data.bucket_step % multiple:
+        raise ConfigError("data.bucket_step", config.data.bucket_step,
+                          f"expected a multiple of {multiple} (every bucket side must be, like data.resolution)")
     if models.latent_channels != unet.in_channels:
         raise ConfigError("model.unet.in_channels", unet.in_channels,
                           f"expected the VAE's latent_channels ({models.latent_channels})")

@@ -3,6 +3,13 @@
 Axes: `data` (pure data parallel: params replicated) and `fsdp` (data parallel too, but params and optimizer
 state are split along it). The batch is split over both. Switching DP <-> FSDP is a config change
 (`mesh.fsdp`), never an edit to the model or the step.
+
+The fsdp rule is by shape, so it covers every array of the state alike (UNet, frozen VAE and text encoder,
+optimizer moments, Adafactor's factored vectors): arrays of at least `mesh.fsdp_min_size` elements are split
+along their largest dimension that the fsdp axis divides (every such array of SD 1.5 for fsdp up to 64);
+smaller ones, whose gather would cost more than they save, stay replicated. Room for a `tensor` (model
+parallel) axis: it would be a third MESH_AXES entry, kept out of BATCH_AXES, with a rule by parameter name
+(attention heads, MLP hidden) that claims one dimension before `fsdp_spec` picks among the others.
 """
 
 from __future__ import annotations

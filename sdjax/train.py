@@ -1,5 +1,7 @@
 """`sdjax train`: the loop around the step. Reads top to bottom:
-logging -> mesh -> models -> validate -> input pipeline -> state -> compile step -> loop.
+logging -> mesh -> models -> validate -> input pipeline -> state (resumed from the newest complete
+checkpoint, else created) -> compile step -> loop (checkpoints every train.checkpoint_every steps, at the
+end, and at the step boundary after SIGTERM / a preemption notice).
 """
 
 from __future__ import annotations
@@ -13,15 +15,20 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from sdjax import checkpoint as checkpoint_lib
 from sdjax import config as config_lib
 from sdjax import data as data_lib
+from sdjax import evaluation
 from sdjax import mesh as mesh_lib
 from sdjax import models as models_lib
 from sdjax import optim
+from sdjax import sample as sample_lib
 from sdjax import step as step_lib
 from sdjax.metrics import MetricsWriter
+from sdjax.preemption import StopRequest
 
 
 @dataclasses.dataclass
@@ -40,6 +47,13 @@ def enable_compilation_cache(path: str) -> None:
 def global_batch(local_batch: dict, sharding) -> dict:
     """This host's numpy slice -> one global jax.Array per field, split over the data-parallel devices."""
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+def total_over_processes(count: int) -> int:
+    """`count` summed over all processes (a collective: every process calls it at the same steps)."""
+    if jax.process_count() == 1:
+        return count
+    return int(np.sum(multihost_utils.process_allgather(np.int64(count))))
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -67,29 +81,48 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     # --- input pipeline -------------------------------------------------------------------------------
     dataset = data_lib.make_train_dataset(config, models.tokenizer, jax.process_index(), jax.process_count())
 
-    # --- model, optimizer, sharded state --------------------------------------------------------------
+    # --- model, optimizer, sharded state: resumed from the newest complete checkpoint, else created ----
     lr_schedule = optim.make_lr_schedule(config)
     tx = optim.make_optimizer(config)
     base_rng = jax.random.key(config.train.seed)
     init_rng, step_rng = jax.random.split(base_rng)
-    state, shardings = step_lib.create_train_state(models, config, tx, mesh, init_rng)
+    checkpoints = checkpoint_lib.Checkpoints(checkpoint_lib.checkpoint_dir(config, workdir), config)
+    restored = checkpoints.restore_latest(lambda: checkpoint_lib.abstract_train_state(models, config, tx, mesh))
+    if restored:
+        state, step_rng = restored.state, restored.rng
+        shardings = jax.tree.map(lambda x: x.sharding, state)
+        if is_main:
+            tqdm.write(f"Resuming from the checkpoint at step {restored.step} in {checkpoints.directory}.")
+    else:
+        state, shardings = step_lib.create_train_state(models, config, tx, mesh, init_rng)
 
     # --- update step ----------------------------------------------------------------------------------
     train_step = step_lib.jit_train_step(step_lib.make_train_step(models, config, tx, lr_schedule), shardings, mesh)
     batch_sharding = mesh_lib.batch_sharding(mesh)
 
+    # --- in-training sample grids and validation loss (compiled at their first use) --------------------
+    samples = sample_lib.TrainingSamples(models, config, mesh, workdir) if config.train.sample_every else None
+    evaluator = evaluation.Evaluator(models, config, mesh) if config.train.eval_every else None
+
     # --- loop -----------------------------------------------------------------------------------------
     start_step = int(state.step)
     total = config.train.steps
-    writer = MetricsWriter(workdir)
-    batches = data_lib.iterate_from(dataset, start_step, config.data.num_threads, config.data.prefetch)
+    writer = MetricsWriter(workdir, resume_step=start_step)
+    if is_main:
+        tqdm.write(f"TensorBoard: tensorboard --logdir {writer.tb_dir}")
+    batches = data_lib.iterate_from(dataset, start_step, config.data.num_threads, config.data.prefetch,
+                                    config.data.num_workers)
+    skipped = 0  # bad records this process's batches passed over (replaced by good ones), since start_step
     progress = tqdm(total=total, initial=start_step, desc="train", unit="step", disable=not is_main,
                     dynamic_ncols=True)
     last_metrics, interrupted = {}, False
     window_start, window_steps = None, 0
+    stop = StopRequest(enabled=jax.process_count() == 1).install()  # multi-process: JAX's preemption sync point
     try:
         for step in range(start_step + 1, total + 1):
-            batch = global_batch(next(batches), batch_sharding)
+            local_batch = next(batches)
+            skipped += int(local_batch.pop("skipped").sum())
+            batch = global_batch(local_batch, batch_sharding)
             state, metrics = train_step(state, batch, step_rng)
             window_steps += 1
             if window_start is None:  # the first step includes compilation: time from its end
@@ -100,18 +133,45 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
                 metrics = jax.device_get(metrics)
                 elapsed = time.perf_counter() - window_start
                 images_per_s = window_steps * config.train.batch_size / elapsed if window_steps else 0.0
-                last_metrics = {**{k: float(v) for k, v in metrics.items()}, "images_per_s": images_per_s}
+                skipped_total = total_over_processes(skipped)
+                records_read = (step - start_step) * config.train.batch_size + skipped_total
+                data_lib.check_bad_fraction(skipped_total, records_read, config.data.max_bad_fraction,
+                                            data_lib.source_name(config))
+                last_metrics = {**{k: float(v) for k, v in metrics.items()}, "images_per_s": images_per_s,
+                                "skipped": skipped_total}
                 writer.write(step, last_metrics)
-                progress.set_postfix(loss=f"{last_metrics['loss']:.4f}", img_s=f"{images_per_s:.1f}")
+                progress.set_postfix(loss=f"{last_metrics['loss']:.4f}", img_s=f"{images_per_s:.1f}",
+                                     skipped=skipped_total)
                 window_start, window_steps = time.perf_counter(), 0
                 if not np.isfinite(last_metrics["loss"]):
                     raise FloatingPointError(f"loss is {last_metrics['loss']} at step {step}; lower "
                                              "optimizer.learning_rate or use train.precision=fp32")
+            if samples and (step % config.train.sample_every == 0 or step == total):
+                grid = samples(step_lib.inference_params(state))  # EMA weights when kept
+                if is_main:
+                    sample_lib.save_png(samples.path(step), grid)
+                writer.write_image(step, "samples", grid)
+                window_start, window_steps = time.perf_counter(), 0  # images/s counts training only
+            if evaluator and (step % config.train.eval_every == 0 or step == total):
+                writer.write(step, evaluator.evaluate_state(state))
+                window_start, window_steps = time.perf_counter(), 0
+            stop_now = stop.requested or checkpoints.reached_preemption(step)
+            if step % config.train.checkpoint_every == 0 or step == total or stop_now:
+                checkpoints.save(step, state, step_rng)  # asynchronous: the next steps run while it writes
+            if stop_now:
+                interrupted = True
+                if is_main:
+                    progress.write(f"{stop.signal_name or 'Preemption notice'}: saved a checkpoint at step {step}; "
+                                   "the same command resumes from it.")
+                break
     except KeyboardInterrupt:
         interrupted = True
         if is_main:
             progress.write(f"Interrupted: stopped cleanly after step {int(state.step)}.")
     finally:
+        stop.uninstall()
+        checkpoints.close()  # waits until the last checkpoint is committed
+        batches.close()  # stops grain's threads and worker processes
         progress.close()
         writer.close()
     return TrainResult(state=state, last_metrics=last_metrics, interrupted=interrupted)

@@ -17,6 +17,7 @@ def load_config_file(name: str):
 
 def tiny_config():
     c = load_config_file("demo")
+    c.data.source = "demo"
     c.data.resolution = 16
     c.data.demo_num_examples = 64
     c.data.num_threads = 1

@@ -1,99 +1,72 @@
-"""Input pipeline: records {image, caption} -> per-host batches {pixel_values, input_ids}.
+"""Input pipeline: a source's records {image, caption} -> per-host batches {pixel_values, input_ids, skipped}.
 
 It knows nothing about the models except the tokenizer. Batches are a pure function of (seed, step):
 `dataset[step]` is this host's part of global batch `step`, so resuming at step N needs no iterator state
-and every host reads a disjoint, contiguous slice of the same global stream.
+(the position saved with a checkpoint is the step), every host reads a disjoint, contiguous slice of the same
+global stream, and 1 process x 8 devices reads the same global batches as 2 processes x 4.
+
+A batch follows this path:
+  sources.py      data.source -> random-access raw records (imagefolder, webdataset, tfds, demo)
+  records.py      decode, check; a bad record is replaced by a deterministic substitute and counted
+  preprocess.py   resize + crop, flip, one caption of several, caption dropout, [-1, 1] pixels, token ids
+  here            shuffle (per epoch), repeat, batch, host slice; grain threads or worker processes
+`buckets.py` replaces the shuffle/batch for aspect-ratio bucketing, `latent_cache.py` the image records by
+cached VAE latents.
 """
 
 from __future__ import annotations
 
 import grain
 import ml_collections
-import numpy as np
-from PIL import Image
+from absl import flags
 
-from sdjax.data.shapes import ShapesSource
+from sdjax.data import buckets, latent_cache
+from sdjax.data.preprocess import caption_dropout, make_preprocess, random_flip, resize_and_crop, to_model_inputs
+from sdjax.data.records import CheckedSource, DataError, check_bad_fraction
+from sdjax.data.sources import SOURCES, has_eval_split, make_source, source_name
 
-SOURCES = ("demo",)
+__all__ = ["SOURCES", "DataError", "caption_dropout", "check_bad_fraction", "has_eval_split", "iterate_from",
+           "make_preprocess", "make_source", "make_train_dataset", "random_flip", "resize_and_crop", "source_name",
+           "to_model_inputs"]
 
 
-def make_source(config: ml_collections.ConfigDict, split: str = "train"):
+def make_records(config: ml_collections.ConfigDict, tokenizer):
+    """(random-access usable records, their (record, rng) -> model inputs) for training."""
     data = config.data
-    if data.source == "demo":
-        seed = data.demo_seed if split == "train" else data.demo_seed + 1
-        num = data.demo_num_examples if split == "train" else data.demo_num_eval_examples
-        return ShapesSource(num_examples=num, resolution=data.resolution, seed=seed)
-    raise ValueError(f"data.source={data.source!r} is not one of {SOURCES}.")
-
-
-# --- preprocessing ops: each takes and returns a record ---------------------------------------------
-
-
-def resize_and_crop(record: dict, resolution: int, rng: np.random.Generator | None) -> dict:
-    """Resizes the shorter side to `resolution`, then centre-crops (or random-crops when `rng` is given)."""
-    image = record["image"]
-    height, width = image.shape[:2]
-    if (height, width) != (resolution, resolution):
-        scale = resolution / min(height, width)
-        size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-        image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BICUBIC))
-        height, width = image.shape[:2]
-        top, left = (height - resolution) // 2, (width - resolution) // 2
-        if rng is not None:
-            top, left = int(rng.integers(0, height - resolution + 1)), int(rng.integers(0, width - resolution + 1))
-        image = image[top:top + resolution, left:left + resolution]
-    return {**record, "image": image}
-
-
-def random_flip(record: dict, rng: np.random.Generator) -> dict:
-    if rng.random() < 0.5:
-        return {**record, "image": record["image"][:, ::-1]}
-    return record
-
-
-def caption_dropout(record: dict, rate: float, rng: np.random.Generator) -> dict:
-    """Replaces the caption with "" at `rate`, so the model also learns the unconditional prediction."""
-    if rate > 0 and rng.random() < rate:
-        return {**record, "caption": ""}
-    return record
-
-
-def to_model_inputs(record: dict, tokenizer, max_length: int) -> dict:
-    pixels = record["image"].astype(np.float32) / 127.5 - 1.0
-    ids = tokenizer(record["caption"], padding="max_length", max_length=max_length, truncation=True).input_ids
-    return {"pixel_values": pixels, "input_ids": np.asarray(ids, np.int32)}
-
-
-def make_preprocess(config: ml_collections.ConfigDict, tokenizer, train: bool):
-    data = config.data
-
-    def preprocess(record: dict, rng: np.random.Generator) -> dict:
-        record = resize_and_crop(record, data.resolution, rng if (train and data.random_crop) else None)
-        if train and data.random_flip:
-            record = random_flip(record, rng)
-        if train:
-            record = caption_dropout(record, data.caption_dropout, rng)
-        return to_model_inputs(record, tokenizer, data.max_length)
-
-    return preprocess
+    if data.latent_cache:
+        return (latent_cache.CachedLatentsSource(data.latent_cache, config),
+                latent_cache.make_cached_preprocess(config, tokenizer))
+    records = CheckedSource(make_source(config, "train"), (data.resolution, data.resolution), data.min_image_size)
+    records[0]  # a source with nothing usable fails here, before anything compiles
+    return records, make_preprocess(config, tokenizer, train=True)
 
 
 def make_train_dataset(config: ml_collections.ConfigDict, tokenizer, process_index: int = 0,
                        process_count: int = 1) -> grain.MapDataset:
     """An infinite MapDataset whose item `step` is this host's slice of global batch `step`."""
+    records, preprocess = make_records(config, tokenizer)
+    if config.data.aspect_buckets:
+        return buckets.make_bucketed_dataset(records, preprocess, config, process_index, process_count)
     per_host_batch = config.train.batch_size // process_count
-    preprocess = make_preprocess(config, tokenizer, train=True)
     return (
-        grain.MapDataset.source(make_source(config, "train"))
+        grain.MapDataset.source(records)
         .seed(config.train.seed)
-        .shuffle()
+        .shuffle()  # reshuffled every epoch: the shuffle sees the epoch in the index that repeat() passes on
         .repeat()
         .random_map(preprocess)  # before the host split: an example's augmentation is the same on any topology
         .batch(per_host_batch, drop_remainder=True)[process_index::process_count]
     )
 
 
-def iterate_from(dataset: grain.MapDataset, start_step: int, num_threads: int, prefetch: int):
-    """Batches start_step, start_step + 1, ... decoded by `num_threads` threads ahead of the step."""
-    return iter(dataset[start_step:].to_iter_dataset(
-        grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)))
+def iterate_from(dataset: grain.MapDataset, start_step: int, num_threads: int, prefetch: int, num_workers: int = 0):
+    """Batches start_step, start_step + 1, ... decoded ahead of the step by `num_threads` threads, in each of
+    `num_workers` worker processes when > 0 (decoding holds the GIL part of the time; processes do not share it).
+    The order is the same either way: workers take batches round-robin."""
+    read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+    batches = dataset[start_step:].to_iter_dataset(read_options)
+    if num_workers:
+        if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags; sdjax's CLI parses its own
+            flags.FLAGS.mark_as_parsed()
+        batches = batches.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=num_workers, per_worker_buffer_size=max(1, prefetch // num_workers)))
+    return iter(batches)

@@ -155,16 +155,19 @@ def init_params(models: Models, config: ml_collections.ConfigDict, rng: jax.Arra
     return jax.jit(init_all, out_shardings=out_shardings)(rngs)
 
 
-def load_pretrained_params(models: Models, config: ml_collections.ConfigDict) -> dict[str, Params]:
-    """float32 params from `config.model.pretrained` (Flax msgpack or PyTorch safetensors/bin), on host."""
+def load_pretrained_params(models: Models, config: ml_collections.ConfigDict,
+                           components: tuple[str, ...] = COMPONENTS) -> dict[str, Params]:
+    """float32 params of `components` from `config.model.pretrained` (Flax msgpack or PyTorch
+    safetensors/bin), on host."""
     root = _pretrained_dir(config)
     shapes = param_shapes(models, config)
-    return {
-        "unet": pytorch_weights.load_diffusers_weights(os.path.join(root, "unet"), shapes["unet"]),
-        "vae": pytorch_weights.load_diffusers_weights(os.path.join(root, "vae"), shapes["vae"]),
-        "text_encoder": pytorch_weights.load_clip_text_weights(
+    loaders = {
+        "unet": lambda: pytorch_weights.load_diffusers_weights(os.path.join(root, "unet"), shapes["unet"]),
+        "vae": lambda: pytorch_weights.load_diffusers_weights(os.path.join(root, "vae"), shapes["vae"]),
+        "text_encoder": lambda: pytorch_weights.load_clip_text_weights(
             os.path.join(root, "text_encoder"), shapes["text_encoder"]),
     }
+    return {name: loaders[name]() for name in components}
 
 
 # --- forward functions used by the step and the sampler -------------------------------------------
@@ -181,18 +184,32 @@ def encode_text(models: Models, params: Params, input_ids: jax.Array) -> jax.Arr
     return out[0]
 
 
-def encode_images(models: Models, params: Params, pixel_values_nhwc: jax.Array, rng: jax.Array) -> jax.Array:
-    """Samples VAE latents (NCHW, already multiplied by the scaling factor) for images in [-1, 1]."""
+def image_latent_moments(models: Models, params: Params, pixel_values_nhwc: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean and std of the VAE posterior (channels-last, unscaled) for images in [-1, 1]: what a latent
+    cache stores, so that sampling from it later equals encoding the image then."""
     pixels = jnp.transpose(pixel_values_nhwc, (0, 3, 1, 2))
     posterior = models.vae.apply({"params": params}, pixels, method=models.vae.encode).latent_dist
-    latents_nhwc = posterior.sample(rng)  # diffusers' Flax posterior is channels-last
+    return posterior.mean, posterior.std  # diffusers' Flax posterior is channels-last
+
+
+def sample_latents(models: Models, mean: jax.Array, std: jax.Array, rng: jax.Array) -> jax.Array:
+    """Latents (NCHW, multiplied by the scaling factor) drawn from the posterior, as diffusers' `sample`."""
+    latents_nhwc = mean + std * jax.random.normal(rng, mean.shape)
     return jnp.transpose(latents_nhwc, (0, 3, 1, 2)) * models.vae_scaling_factor
 
 
+def encode_images(models: Models, params: Params, pixel_values_nhwc: jax.Array, rng: jax.Array) -> jax.Array:
+    """Samples VAE latents (NCHW, already multiplied by the scaling factor) for images in [-1, 1]."""
+    mean, std = image_latent_moments(models, params, pixel_values_nhwc)
+    return sample_latents(models, mean, std, rng)
+
+
 def decode_latents(models: Models, params: Params, latents: jax.Array) -> jax.Array:
-    """Images NHWC in [-1, 1] (unclipped) from scaled latents."""
-    images = models.vae.apply(
-        {"params": params}, latents / models.vae_scaling_factor, method=models.vae.decode).sample
+    """Images NHWC in [-1, 1] (unclipped) from scaled NCHW latents."""
+    # Handed over channels-last: diffusers guesses the layout from the last dim, which is ambiguous when the
+    # latent width equals the number of latent channels (4x4 latents).
+    latents_nhwc = jnp.transpose(latents / models.vae_scaling_factor, (0, 2, 3, 1))
+    images = models.vae.apply({"params": params}, latents_nhwc, method=models.vae.decode).sample
     return jnp.transpose(images, (0, 2, 3, 1))
 
 

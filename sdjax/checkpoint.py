@@ -1,0 +1,299 @@
+"""Checkpoints of a run: orbax's CheckpointManager over WORKDIR/checkpoints (or `train.checkpoint_dir`).
+
+A checkpoint is a step directory with two orbax items:
+  state  the whole TrainState pytree, saved generically (a field added to TrainState is saved with no change
+         here); every process writes its own shards, and restoring reshards onto the target mesh;
+  meta   JSON: step, data position (global batches consumed: the dataset is indexed by step), the step RNG
+         key, the seed and the config the run used.
+Saves are asynchronous: `save` returns once the arrays are copied off the devices, the write goes on in a
+background thread. Orbax writes a step into a temporary directory and commits it last (a rename on local
+disks; `commit_success.txt` on GCS, and in both cases that file is written last), so a directory without that
+marker was cut off mid-write: it is skipped with a warning, never restored.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from orbax.checkpoint import checkpoint_managers
+
+from sdjax import step as step_lib
+
+COMMIT_MARKER = "commit_success.txt"  # orbax writes it last, on every filesystem
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"  # a step directory orbax was still writing
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint was written for other model (or optimizer) shapes than the current config builds."""
+
+
+class NoCheckpointError(FileNotFoundError):
+    """No complete checkpoint where one is needed."""
+
+
+@dataclasses.dataclass
+class Restored:
+    state: step_lib.TrainState
+    rng: jax.Array  # the step RNG key the run folds the step into
+    step: int
+    data_position: int  # global batches consumed; the dataset item to read next
+
+
+def checkpoint_dir(config: ml_collections.ConfigDict, workdir: str) -> epath.Path:
+    return epath.Path(config.train.checkpoint_dir or epath.Path(workdir) / "checkpoints")
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict:
+    return json.loads(config.to_json_best_effort())
+
+
+def config_from_dict(values: dict) -> ml_collections.ConfigDict:
+    """The inverse of `config_to_dict`: JSON has no tuples, and every sequence in our configs is one."""
+    def tuples(value):
+        if isinstance(value, dict):
+            return {k: tuples(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return tuple(tuples(v) for v in value)
+        return value
+    return ml_collections.ConfigDict(tuples(values))
+
+
+def abstract_train_state(models, config: ml_collections.ConfigDict, tx, mesh) -> step_lib.TrainState:
+    """ShapeDtypeStructs with the target shardings of the TrainState `create_train_state` would build.
+
+    Traced, not run: nothing is allocated, and a `model.pretrained` folder's weights are not read (the models,
+    already built from its configs, give the same shapes)."""
+    from_scratch = copy.deepcopy(config)
+    from_scratch.model.pretrained = ""
+    shardings = {}
+
+    def create(rng):
+        state, shardings["state"] = step_lib.create_train_state(models, from_scratch, tx, mesh, rng)
+        return state
+
+    shapes = jax.eval_shape(create, jax.random.key(0))
+    return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                        shapes, shardings["state"])
+
+
+def _flat_shapes(tree) -> dict[str, tuple]:
+    """'params.unet.conv_in.kernel' -> (shape, dtype) for every array of a state or of its checkpoint metadata."""
+    flat = ocp.tree.to_flat_dict(tree)
+    return {".".join(map(str, k)): (tuple(v.shape), np.dtype(v.dtype)) for k, v in flat.items()
+            if hasattr(v, "shape")}
+
+
+def _flat_config(values: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flat_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """'key: old -> new' for every config value that differs (keys on one side only included)."""
+    old, new = _flat_config(saved), _flat_config(current)
+    return [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}"
+            for k in sorted(old.keys() | new.keys()) if old.get(k, "(absent)") != new.get(k, "(absent)")]
+
+
+def check_compatible(saved_state_metadata, abstract_state, saved_config: dict, config, where: str) -> None:
+    """Raises CheckpointMismatchError, naming arrays and config keys, if the saved arrays don't fit the state."""
+    saved = _flat_shapes(saved_state_metadata)
+    wanted = _flat_shapes(ocp.tree.serialize_tree(abstract_state, keep_empty_nodes=True))
+    order = lambda k: (k.startswith("opt_state"), k)  # noqa: E731  optimizer moments only repeat the params
+    problems = [f"{k}: checkpoint {saved[k][0]} {saved[k][1]}, config {wanted[k][0]} {wanted[k][1]}"
+                for k in sorted(saved.keys() & wanted.keys(), key=order) if saved[k] != wanted[k]]
+    problems += [f"{k}: only in the checkpoint" for k in sorted(saved.keys() - wanted.keys(), key=order)]
+    problems += [f"{k}: not in the checkpoint" for k in sorted(wanted.keys() - saved.keys(), key=order)]
+    if not problems:
+        return
+    shown = "\n  ".join(problems[:8]) + (f"\n  ... ({len(problems)} in all)" if len(problems) > 8 else "")
+    changes = "\n  ".join(config_changes(saved_config, config_to_dict(config))) or "(none)"
+    raise CheckpointMismatchError(
+        f"{where} cannot be resumed with this config: its arrays have other shapes than the model and "
+        f"optimizer state the config builds.\n  {shown}\nConfig values changed since that checkpoint:\n  {changes}\n"
+        "Only values that keep every shape (train.steps, optimizer.learning_rate, ...) may change on resume: "
+        "undo the others, or use a new --workdir.")
+
+
+def _manager_options(keep_last: int = 1, keep_every: int = 0, read_only: bool = False):
+    keep = [checkpoint_managers.LatestN(keep_last)]
+    if keep_every:
+        keep.append(checkpoint_managers.EveryNSteps(keep_every))
+    return ocp.CheckpointManagerOptions(
+        preservation_policy=checkpoint_managers.AnyPreservationPolicy(keep),
+        enable_async_checkpointing=True,
+        # Orbax's own leftovers of a cut-off save on a local disk (a temporary directory, never committed).
+        cleanup_tmp_directories=not read_only,
+        read_only=read_only, create=not read_only, save_interval_steps=0 if read_only else 1)
+
+
+def _open_manager(directory: epath.Path, options: ocp.CheckpointManagerOptions) -> ocp.CheckpointManager:
+    # Handlers named up front: a fresh manager can then read a checkpoint's metadata before any restore.
+    handlers = {"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+
+
+def _split_by_commit(manager: ocp.CheckpointManager, directory: epath.Path) -> tuple[list[int], list[int]]:
+    """(complete, incomplete) steps, ascending. Our step directories are named by the step (orbax's default)."""
+    complete, incomplete = [], []
+    for step in sorted(manager.all_steps()):
+        (complete if (directory / str(step) / COMMIT_MARKER).exists() else incomplete).append(step)
+    return complete, incomplete
+
+
+def _restore_meta(manager: ocp.CheckpointManager, step: int) -> dict:
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+class Checkpoints:
+    """The checkpoints of one training run: restore the newest complete one, save (async), preemption."""
+
+    def __init__(self, directory: epath.PathLike, config: ml_collections.ConfigDict):
+        self.directory = epath.Path(directory)
+        self._config = config
+        cut_off = sorted(p.name for p in self.directory.glob(f"*{_TMP_SUFFIX}*")) if self.directory.exists() else []
+        if cut_off:
+            logging.warning("Checkpoints %s in %s were cut off mid-write; orbax deletes them.", cut_off, self.directory)
+        train = config.train
+        self._manager = _open_manager(
+            self.directory, _manager_options(train.keep_checkpoints, train.keep_checkpoint_every))
+        self._complete_steps, incomplete = _split_by_commit(self._manager, self.directory)
+        for step in incomplete:
+            # Deleted, not kept: this run would write the same step again.
+            logging.warning("Checkpoint %s was cut off mid-write (no %s): deleting it; the run resumes from the "
+                            "newest complete checkpoint before it.", self.directory / str(step), COMMIT_MARKER)
+            self._manager.delete(step)
+
+    def restore_latest(self, abstract_state: Callable[[], step_lib.TrainState]) -> Restored | None:
+        """The newest readable checkpoint, restored onto `abstract_state()`'s shardings; None if there is none.
+
+        A checkpoint that cannot be read (files missing or damaged) is skipped with a warning; one that reads
+        but does not fit the config raises CheckpointMismatchError, since an older one would not fit either."""
+        target, failures = None, []
+        for step in reversed(self._complete_steps):
+            where = str(self.directory / str(step))
+            try:
+                meta = _restore_meta(self._manager, step)
+                saved_tree = self._manager.item_metadata(step)["state"].tree
+            except (OSError, ValueError, KeyError) as e:
+                failures.append(self._skip(where, e))
+                continue
+            if target is None:
+                target = abstract_state()
+            check_compatible(saved_tree, target, meta["config"], self._config, where)
+            try:
+                state = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                    item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))))["state"]
+            except (OSError, ValueError) as e:
+                failures.append(self._skip(where, e))
+                continue
+            changes = config_changes(meta["config"], config_to_dict(self._config))
+            if changes:
+                logging.warning("Resuming %s with a changed config:\n  %s", where, "\n  ".join(changes))
+            rng = jax.random.wrap_key_data(np.asarray(meta["rng_key_data"], np.uint32), impl=meta["rng_impl"])
+            return Restored(state=state, rng=rng, step=step, data_position=int(meta["data_position"]))
+        if failures:
+            # Starting over would silently overwrite these steps: the user must decide.
+            raise NoCheckpointError(f"No checkpoint in {self.directory} could be read:\n  " + "\n  ".join(failures)
+                                    + "\nMove the directory away to start this run from scratch.")
+        return None
+
+    @staticmethod
+    def _skip(where: str, error: Exception) -> str:
+        reason = " ".join(str(error).split())[:300]
+        logging.warning("Checkpoint %s is incomplete or damaged, using the one before it: %s", where, reason)
+        return f"{where}: {reason}"
+
+    def save(self, step: int, state: step_lib.TrainState, rng: jax.Array) -> None:
+        """Starts an asynchronous save of `state` at `step` (a no-op if that step is saved already)."""
+        if step in self._manager.all_steps():
+            return
+        meta = {
+            "step": step,
+            "data_position": step,
+            "seed": self._config.train.seed,
+            "rng_impl": str(jax.random.key_impl(rng)),
+            "rng_key_data": np.asarray(jax.random.key_data(rng)).tolist(),
+            "process_count": jax.process_count(),
+            "config": config_to_dict(self._config),
+        }
+        self._manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+
+    def reached_preemption(self, step: int) -> bool:
+        """True on every process at the same step once any was told it will be preempted (JAX's sync point)."""
+        return self._manager.reached_preemption(step)
+
+    def close(self) -> None:
+        """Waits for the last save to be committed."""
+        self._manager.close()
+
+
+def _run_checkpoint_dir(workdir: str) -> epath.Path:
+    """Where a run's checkpoints are: its config.json names a `train.checkpoint_dir`, else WORKDIR/checkpoints."""
+    config_file = epath.Path(workdir) / "config.json"
+    if config_file.exists():
+        saved = json.loads(config_file.read_text())
+        if saved.get("train", {}).get("checkpoint_dir"):
+            return epath.Path(saved["train"]["checkpoint_dir"])
+    return epath.Path(workdir) / "checkpoints"
+
+
+@dataclasses.dataclass
+class InferenceCheckpoint:
+    config: ml_collections.ConfigDict  # the config the run used
+    params: dict  # host float32 numpy params {"unet", "vae", "text_encoder"}
+    step: int
+    ema: bool  # whether params["unet"] is the run's EMA of the UNet
+
+
+def load_inference_checkpoint(workdir: str, step: int | None = None, use_ema: bool = True) -> InferenceCheckpoint:
+    """The params of a run's checkpoint (the newest complete step unless `step` is given) for sampling or export.
+
+    The UNet is the EMA one when the run kept EMA weights and `use_ema`. Only params are read (no optimizer
+    state), as numpy arrays on the host."""
+    directory = _run_checkpoint_dir(workdir)
+    if not directory.exists():
+        raise NoCheckpointError(f"{directory} does not exist: is {workdir} the --workdir of a `sdjax train` run?")
+    manager = _open_manager(directory, _manager_options(read_only=True))
+    try:
+        complete, _ = _split_by_commit(manager, directory)
+        if not complete:
+            raise NoCheckpointError(f"{directory} holds no complete checkpoint.")
+        if step is None:
+            step = complete[-1]
+        elif step not in complete:
+            raise NoCheckpointError(f"{directory} has no complete checkpoint at step {step}; it has {complete}.")
+        meta = _restore_meta(manager, step)
+        saved = manager.item_metadata(step)["state"].tree
+        wanted = {"params": saved["params"], "frozen": saved["frozen"]}
+        if use_ema and saved.get("ema_params"):
+            wanted["ema_params"] = saved["ema_params"]
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=wanted, restore_args=restore_args, partial_restore=True)))["state"]
+    finally:
+        manager.close()
+    params = {**restored["frozen"], **restored["params"], **restored.get("ema_params", {})}
+    return InferenceCheckpoint(config_from_dict(meta["config"]), params, step, ema="ema_params" in restored)
+
+
+def load_params_for_inference(workdir: str, step: int | None = None,
+                              use_ema: bool = True) -> tuple[ml_collections.ConfigDict, dict, int]:
+    """(config, params, step) of `load_inference_checkpoint`."""
+    loaded = load_inference_checkpoint(workdir, step, use_ema)
+    return loaded.config, loaded.params, loaded.step

@@ -1,0 +1,139 @@
+"""`sdjax export`: a run's checkpoint -> a diffusers folder for PyTorch (or Flax) pipelines.
+
+    OUT/model_index.json  the pipeline and its components; no safety checker, no feature extractor
+    OUT/unet/             config.json + diffusion_pytorch_model.safetensors  (flax: diffusion_flax_model.msgpack)
+    OUT/vae/              config.json + diffusion_pytorch_model.safetensors  (flax: diffusion_flax_model.msgpack)
+    OUT/text_encoder/     config.json + model.safetensors                    (flax: flax_model.msgpack)
+    OUT/tokenizer/        the run's CLIP tokenizer
+    OUT/scheduler/        scheduler_config.json: PNDM (Stable Diffusion's own) over the run's `diffusion.*`
+
+`StableDiffusionPipeline.from_pretrained(OUT)` loads the PyTorch folder. No torch and no accelerator are
+needed: weights go from the checkpoint to numpy to safetensors. Only params are read (no optimizer state),
+and one component is converted and written at a time, its Flax arrays freed as they are converted: for SD 1.5
+the peak is the params (~4.3 GB fp32) plus one converted UNet (~3.4 GB).
+The folder is written as OUT.partial and renamed to OUT at the end, so an OUT folder is always complete.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.metadata
+import json
+import os
+import shutil
+
+import ml_collections
+from flax import serialization
+from flax.traverse_util import flatten_dict
+from safetensors.numpy import save_file
+
+from sdjax import checkpoint as checkpoint_lib
+from sdjax import models as models_lib
+from sdjax.models import pytorch_export
+
+FORMATS = ("pytorch", "flax")
+
+# component -> (library, class) per format; `model_index.json` lists them, `from_pretrained` instantiates them.
+_CLASSES = {
+    "pytorch": {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
+                "text_encoder": ("transformers", "CLIPTextModel"), "tokenizer": ("transformers", "CLIPTokenizer"),
+                "scheduler": ("diffusers", "PNDMScheduler")},
+    "flax": {"unet": ("diffusers", "FlaxUNet2DConditionModel"), "vae": ("diffusers", "FlaxAutoencoderKL"),
+             "text_encoder": ("transformers", "FlaxCLIPTextModel"), "tokenizer": ("transformers", "CLIPTokenizer"),
+             "scheduler": ("diffusers", "FlaxPNDMScheduler")},
+}
+_PIPELINES = {"pytorch": "StableDiffusionPipeline", "flax": "FlaxStableDiffusionPipeline"}
+_WEIGHT_FILES = {
+    ("pytorch", "diffusers"): "diffusion_pytorch_model.safetensors", ("pytorch", "transformers"): "model.safetensors",
+    ("flax", "diffusers"): "diffusion_flax_model.msgpack", ("flax", "transformers"): "flax_model.msgpack",
+}
+
+
+class ExportError(ValueError):
+    """The export cannot be written as asked (bad format, output folder already there)."""
+
+
+@dataclasses.dataclass
+class ExportResult:
+    out: str
+    step: int
+    format: str
+    ema: bool  # whether the UNet weights are the run's EMA weights
+
+
+def model_index(fmt: str) -> dict:
+    """The pipeline's components. The Flax pipeline has no `requires_safety_checker` and wants the two absent
+    components passed: `FlaxStableDiffusionPipeline.from_pretrained(OUT, safety_checker=None,
+    feature_extractor=None)`."""
+    index = {
+        "_class_name": _PIPELINES[fmt],
+        "_diffusers_version": importlib.metadata.version("diffusers"),
+        **{name: list(library_and_class) for name, library_and_class in _CLASSES[fmt].items()},
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+    }
+    if fmt == "pytorch":
+        index["requires_safety_checker"] = False  # else diffusers warns that the safety checker is off
+    return index
+
+
+def scheduler_config(config: ml_collections.ConfigDict, class_name: str) -> dict:
+    """Stable Diffusion's PNDM settings (as in its scheduler_config.json) over the betas the run trained with."""
+    d = config.diffusion
+    return {"_class_name": class_name, "_diffusers_version": importlib.metadata.version("diffusers"),
+            "num_train_timesteps": d.num_train_timesteps, "beta_start": d.beta_start, "beta_end": d.beta_end,
+            "beta_schedule": d.beta_schedule, "prediction_type": d.prediction_type, "trained_betas": None,
+            "skip_prk_steps": True, "set_alpha_to_one": False, "steps_offset": 1}
+
+
+def _write_json(path: str, values: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(values, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def _write_weights(folder: str, params, fmt: str, library: str) -> None:
+    """Writes one component's weights; `params` must be the only reference left to its arrays."""
+    path = os.path.join(folder, _WEIGHT_FILES[fmt, library])
+    if fmt == "flax":
+        with open(path, "wb") as f:
+            f.write(serialization.to_bytes(params))
+        return
+    flat = flatten_dict(params)
+    del params  # from here on `flat` holds the only references, and conversion frees them one by one
+    state = pytorch_export.flax_to_pytorch_state(flat, library, where=folder)
+    save_file(state, path, metadata={"format": "pt"})  # transformers refuses safetensors without "format"
+
+
+def export(workdir: str, out: str, step: int | None = None, fmt: str = "pytorch", use_ema: bool = True):
+    """Writes the checkpoint at `step` (default: the newest complete one) of the run in `workdir` to `out`."""
+    if fmt not in FORMATS:
+        raise ExportError(f"--format={fmt!r}: expected one of {list(FORMATS)}.")
+    if os.path.exists(out):
+        raise ExportError(f"{out} already exists: export writes a new folder.")
+    loaded = checkpoint_lib.load_inference_checkpoint(workdir, step, use_ema)
+    config, params = loaded.config, loaded.params
+    # The modules (no params) give each component's config; the tokenizer is the run's own.
+    models = models_lib.build_models(config)
+    classes = _CLASSES[fmt]
+    partial = out.rstrip("/") + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)  # a previous export that was cut off
+    for name in ("unet", "vae"):
+        folder = os.path.join(partial, name)
+        os.makedirs(folder)
+        _write_json(os.path.join(folder, "config.json"),
+                    pytorch_export.diffusers_model_config(getattr(models, name), classes[name][1]))
+        _write_weights(folder, params.pop(name), fmt, "diffusers")
+    folder = os.path.join(partial, "text_encoder")
+    text_config = copy.deepcopy(models.text_encoder_config)
+    text_config.architectures = [classes["text_encoder"][1]]
+    text_config.save_pretrained(folder)
+    _write_weights(folder, params.pop("text_encoder"), fmt, "transformers")
+    models.tokenizer.save_pretrained(os.path.join(partial, "tokenizer"))
+    os.makedirs(os.path.join(partial, "scheduler"))
+    _write_json(os.path.join(partial, "scheduler", "scheduler_config.json"),
+                scheduler_config(config, classes["scheduler"][1]))
+    _write_json(os.path.join(partial, "model_index.json"), model_index(fmt))
+    os.rename(partial, out)
+    return ExportResult(out=out, step=loaded.step, format=fmt, ema=loaded.ema)

@@ -1,0 +1,252 @@
+"""`sdjax plan`: will this config fit, and how fast should it run, on a given accelerator topology?
+
+The real train step (same models, mesh, shardings and optimizer as `sdjax train`) is compiled ahead of time
+from `jax.ShapeDtypeStruct`s — no weights are materialised — for the target devices:
+  * a TPU topology (`v5e:2x2`, `v5p:2x2x1`, ...) via libtpu's compiler, which runs on a CPU host;
+  * `cpu:N` (N emulated CPU devices) or `local` (the devices present).
+XLA's memory analysis gives per-device bytes; its cost analysis gives FLOPs and bytes accessed, which against
+the chip's peak bf16 FLOP/s and HBM bandwidth give a roofline step time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from sdjax import config as config_lib
+from sdjax import mesh as mesh_lib
+from sdjax import models as models_lib
+from sdjax import optim
+from sdjax import step as step_lib
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class ChipSpec:
+    """Published per-chip figures (Google Cloud TPU docs): HBM, peak bf16 FLOP/s, HBM bandwidth."""
+    hbm_bytes: float
+    peak_bf16_flops: float
+    hbm_bytes_per_s: float
+
+
+CHIPS = {
+    "v4": ChipSpec(hbm_bytes=32 * GiB, peak_bf16_flops=275e12, hbm_bytes_per_s=1228e9),
+    "v5e": ChipSpec(hbm_bytes=16 * GiB, peak_bf16_flops=197e12, hbm_bytes_per_s=819e9),
+    "v5p": ChipSpec(hbm_bytes=95 * GiB, peak_bf16_flops=459e12, hbm_bytes_per_s=2765e9),
+    "v6e": ChipSpec(hbm_bytes=32 * GiB, peak_bf16_flops=918e12, hbm_bytes_per_s=1640e9),
+}
+
+
+@dataclasses.dataclass
+class Plan:
+    topology: str
+    num_devices: int
+    batch_per_device: int
+    global_batch: int
+    fits: bool
+    argument_bytes: int | None = None
+    output_bytes: int | None = None
+    temp_bytes: int | None = None
+    alias_bytes: int | None = None
+    total_bytes: int | None = None
+    capacity_bytes: float | None = None
+    flops_per_device: float | None = None
+    bytes_accessed_per_device: float | None = None
+    roofline_step_s: float | None = None
+    images_per_s_per_device: float | None = None
+    compile_s: float | None = None
+    error: str | None = None
+
+
+def _chip_name(topology: str) -> str | None:
+    generation = topology.split(":")[0].lower()
+    return generation if generation in CHIPS else None
+
+
+def target_devices(topology: str) -> list:
+    """The devices to compile for: a TPU topology description, emulated CPU devices, or the local ones."""
+    if topology == "local":
+        return jax.devices()
+    if topology.startswith("cpu:"):
+        count = int(topology.split(":")[1])
+        devices = jax.devices("cpu")
+        if len(devices) < count:
+            raise ValueError(f"--topology {topology}: only {len(devices)} CPU devices; set XLA_FLAGS="
+                             f"--xla_force_host_platform_device_count={count} before starting.")
+        return devices[:count]
+    if _chip_name(topology) is None:
+        raise ValueError(f"--topology {topology!r}: expected one of {sorted(CHIPS)} as 'v5e:2x2', or 'cpu:N', "
+                         "or 'local'.")
+    # libtpu is used here as a compiler only: let it coexist with other processes that load it, and keep
+    # its complaints about the missing TPU hardware off the console.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    os.environ.setdefault("TPU_STDERR_LOG_LEVEL", "3")
+    os.environ.setdefault("TPU_MIN_LOG_LEVEL", "3")
+    from jax.experimental import topologies
+    try:
+        return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
+    except Exception as e:  # libtpu missing or a bad topology string
+        raise ValueError(f"--topology {topology!r}: cannot get TPU devices ({e}). Install the TPU compiler with "
+                         "pip install 'sdjax[tpu]'.") from None
+
+
+def _device_spec(topology: str, devices: list) -> ChipSpec | None:
+    """Per-device figures: the chip's, divided among its cores when each core is its own device."""
+    chip = _chip_name(topology)
+    if chip is None:
+        return None
+    dims = re.findall(r"\d+", topology.split(":")[1])
+    num_chips = 1
+    for d in dims:
+        num_chips *= int(d)
+    per_chip = max(len(devices) // num_chips, 1)
+    spec = CHIPS[chip]
+    return ChipSpec(spec.hbm_bytes / per_chip, spec.peak_bf16_flops / per_chip, spec.hbm_bytes_per_s / per_chip)
+
+
+def _abstract_inputs(models, config, tx, mesh):
+    """ShapeDtypeStructs (with shardings) of the state, batch and rng that the trainer passes to the step."""
+    param_shapes = models_lib.param_shapes(models, config)
+    state_shapes = jax.eval_shape(lambda p: step_lib.state_from_params(p, tx), param_shapes)
+    shardings = step_lib.state_shardings(state_shapes, mesh, config)
+    state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shapes, shardings)
+    batch_sharding = mesh_lib.batch_sharding(mesh)
+    b, r = config.train.batch_size, config.data.resolution
+    batch = {
+        "pixel_values": jax.ShapeDtypeStruct((b, r, r, 3), jnp.float32, sharding=batch_sharding),
+        "input_ids": jax.ShapeDtypeStruct((b, config.data.max_length), jnp.int32, sharding=batch_sharding),
+    }
+    rng = jax.eval_shape(lambda: jax.random.key(0))
+    return state, shardings, batch, rng
+
+
+def _cache_key(config: ml_collections.ConfigDict, topology: str) -> str:
+    text = json.dumps({"config": config.to_json_best_effort(sort_keys=True), "topology": topology,
+                       "jax": jax.__version__}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def plan_step(config: ml_collections.ConfigDict, topology: str, cache_dir: str | None = None) -> Plan:
+    """Compiles the train step for `topology` at `config.train.batch_size` and reads XLA's analyses."""
+    devices = target_devices(topology)
+    config_lib.validate(config, len(devices))
+    cache_path = None
+    if cache_dir:
+        os.makedirs(cache_dir, exist_ok=True)
+        cache_path = os.path.join(cache_dir, _cache_key(config, topology) + ".json")
+        if os.path.isfile(cache_path):
+            with open(cache_path) as f:
+                return Plan(**json.load(f))
+
+    models = models_lib.build_models(config)
+    config_lib.validate_against_models(config, models)
+    mesh = mesh_lib.make_mesh(config, devices)
+    tx = optim.make_optimizer(config)
+    state, shardings, batch, rng = _abstract_inputs(models, config, tx, mesh)
+    train_step = step_lib.jit_train_step(
+        step_lib.make_train_step(models, config, tx, optim.make_lr_schedule(config)), shardings, mesh)
+    spec = _device_spec(topology, devices)
+    plan = Plan(topology=topology, num_devices=len(devices), global_batch=config.train.batch_size,
+                batch_per_device=config.train.batch_size // len(devices), fits=False,
+                capacity_bytes=spec.hbm_bytes if spec else None)
+    start = time.perf_counter()
+    try:
+        compiled = train_step.lower(state, batch, rng).compile()
+    except Exception as e:  # XLA refuses programs that exceed HBM: report it as "does not fit"
+        plan.compile_s = time.perf_counter() - start
+        message = str(e)
+        if "RESOURCE_EXHAUSTED" not in message and "memory" not in message.lower():
+            raise
+        plan.error = " ".join(message.split())[:600]
+        _save(plan, cache_path)
+        return plan
+    plan.compile_s = time.perf_counter() - start
+
+    memory = compiled.memory_analysis()
+    plan.argument_bytes = int(memory.argument_size_in_bytes)
+    plan.output_bytes = int(memory.output_size_in_bytes)
+    plan.temp_bytes = int(memory.temp_size_in_bytes)
+    plan.alias_bytes = int(memory.alias_size_in_bytes)
+    # Donated state aliases its outputs: count those bytes once.
+    plan.total_bytes = plan.argument_bytes + plan.output_bytes - plan.alias_bytes + plan.temp_bytes
+    plan.fits = plan.capacity_bytes is None or plan.total_bytes <= plan.capacity_bytes
+
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    plan.flops_per_device = float(cost.get("flops", 0.0)) if cost else None
+    plan.bytes_accessed_per_device = float(cost.get("bytes accessed", 0.0)) if cost else None
+    if spec and plan.flops_per_device:
+        plan.roofline_step_s = max(plan.flops_per_device / spec.peak_bf16_flops,
+                                   (plan.bytes_accessed_per_device or 0.0) / spec.hbm_bytes_per_s)
+        plan.images_per_s_per_device = plan.batch_per_device / plan.roofline_step_s
+    _save(plan, cache_path)
+    return plan
+
+
+def _save(plan: Plan, cache_path: str | None) -> None:
+    if cache_path:
+        with open(cache_path, "w") as f:
+            json.dump(dataclasses.asdict(plan), f)
+
+
+def max_batch_per_device(config: ml_collections.ConfigDict, topology: str, cache_dir: str | None,
+                         limit: int = 256) -> tuple[int, list[Plan]]:
+    """The largest per-device batch that fits: doubling, then bisection. Returns it and every plan tried."""
+    num_devices = len(target_devices(topology))
+    tried: list[Plan] = []
+
+    def fits(per_device: int) -> bool:
+        trial = config.copy_and_resolve_references()
+        trial.train.batch_size = per_device * num_devices
+        plan = plan_step(trial, topology, cache_dir)
+        tried.append(plan)
+        return plan.fits
+
+    if not fits(1):
+        return 0, tried
+    low, high = 1, 2
+    while high <= limit and fits(high):
+        low, high = high, high * 2
+    high = min(high, limit + 1)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle
+    return low, tried
+
+
+COLUMNS = ("topology", "batch/dev", "args GiB", "out GiB", "temp GiB", "total GiB", "HBM GiB/dev", "fits",
+           "TFLOP/dev/step", "roofline s/step", "img/s/dev", "compile s")
+
+
+def _row(plan: Plan) -> list[str]:
+    def fmt(value, spec):
+        return format(value, spec) if value is not None else "-"
+
+    def gib(value):
+        return fmt(None if value is None else value / GiB, ".2f")
+
+    return [plan.topology, str(plan.batch_per_device), gib(plan.argument_bytes), gib(plan.output_bytes),
+            gib(plan.temp_bytes), gib(plan.total_bytes), gib(plan.capacity_bytes),
+            "yes" if plan.fits else "NO: does not fit",
+            fmt(None if plan.flops_per_device is None else plan.flops_per_device / 1e12, ".3f"),
+            fmt(plan.roofline_step_s, ".3f"), fmt(plan.images_per_s_per_device, ".1f"), fmt(plan.compile_s, ".0f")]
+
+
+def format_table(plans: list[Plan]) -> str:
+    """A markdown table, one row per plan; compiler messages for plans that did not fit below it."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_row(p)) + " |" for p in plans]
+    lines += [f"\n{p.topology} batch/dev {p.batch_per_device}: {p.error}" for p in plans if p.error]
+    return "\n".join(lines)

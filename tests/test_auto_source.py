@@ -1,0 +1,44 @@
+"""data.source="auto" (the demo config's): one override, --config.data.path=..., points the demo at real data."""
+
+import pytest
+
+from sdjax import data as data_lib
+from sdjax.config import validate
+from sdjax.data.sources import resolve_auto_source
+
+
+@pytest.fixture
+def auto_config(tiny_config):
+    tiny_config.data.source = "auto"
+    tiny_config.train.eval_every = 2
+    return tiny_config
+
+
+def test_no_path_is_the_demo(auto_config):
+    validate(auto_config, 8)
+    assert auto_config.data.source == "demo" and auto_config.train.eval_every == 2
+
+
+def test_image_folder_path_is_imagefolder_without_eval(auto_config, tmp_path):
+    from data_fixtures import write_imagefolder
+    auto_config.data.path = write_imagefolder(tmp_path / "images", 8)
+    validate(auto_config, 8)
+    assert auto_config.data.source == "imagefolder"
+    assert auto_config.train.eval_every == 0  # no data.eval_path: eval turned off instead of failing
+    assert len(data_lib.make_source(auto_config)) == 8
+
+
+def test_shard_folder_and_pattern_are_webdataset(auto_config, tmp_path):
+    from data_fixtures import write_shards
+    shards = write_shards(tmp_path / "shards", 8, per_shard=4)
+    for path in (str(tmp_path / "shards"), shards[0]):
+        config = auto_config.copy_and_resolve_references()
+        config.data.path = path
+        resolve_auto_source(config)
+        assert config.data.source == "webdataset"
+
+
+def test_unrecognised_path_says_what_to_set(auto_config, tmp_path):
+    auto_config.data.path = str(tmp_path / "missing")
+    with pytest.raises(data_lib.DataError, match="data.source=tfds"):
+        resolve_auto_source(auto_config)

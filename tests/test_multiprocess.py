@@ -1,0 +1,153 @@
+"""Two processes x 4 emulated CPU devices (launch/local.py, jax.distributed over gloo) train exactly like one
+process x 8 devices on the same global batches, and write one shared checkpoint that one process restores.
+
+The mesh is fsdp=8, so every large array is split over the devices of both processes: each process writes
+its own shards of the checkpoint, and restoring gathers them onto this single process's 8 devices.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from sdjax import checkpoint as checkpoint_lib
+from sdjax import distributed
+from sdjax import mesh as mesh_lib
+from sdjax import models as models_lib
+from sdjax import optim
+from sdjax import train as train_lib
+from sdjax.metrics import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_STEPS = 5
+TIMEOUT_S = 900
+
+
+def _test_config():
+    from tiny import load_config_file, tiny_config
+    config = tiny_config()
+    config.train.steps = NUM_STEPS
+    config.train.checkpoint_every = NUM_STEPS
+    config.train.sample_every = config.train.eval_every = 0  # not what this test is about; each costs a compile
+    config.mesh.data, config.mesh.fsdp = 1, 8
+    # Adam's g / (sqrt(v) + eps) is +-lr for any g >> eps, also for the rounding noise (~1e-9) in the exactly
+    # zero gradients of biases right before a GroupNorm; a larger eps keeps that noise from becoming lr-sized
+    # updates that differ between any two reduction orders, so the params can be compared closely.
+    config.optimizer.eps = 1e-3
+    return config, load_config_file("demo")
+
+
+def _flat(config, prefix=""):
+    flat = {}
+    for key, value in config.items():
+        if hasattr(value, "items"):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_overrides(config, base) -> list[str]:
+    """--config.KEY=VALUE for every value where `config` differs from the config file `base`."""
+    ours, theirs = _flat(config), _flat(base)
+    return [f"--config.{key}={value}" for key, value in sorted(ours.items()) if theirs.get(key) != value]
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_and_share_a_checkpoint(tmp_path):
+    config, demo = _test_config()
+    multi_dir, single_dir = tmp_path / "two_processes", tmp_path / "one_process"
+    command = [sys.executable, os.path.join(ROOT, "launch", "local.py"), "-n", "2", "--devices_per_process", "4",
+               "--", sys.executable, "-m", "sdjax.cli", "train", "--config", os.path.join(ROOT, "configs", "demo.py"),
+               "--workdir", str(multi_dir), *config_overrides(config, demo)]
+    log_path = tmp_path / "two_processes.log"
+    with open(log_path, "w") as log:
+        # Started first, so that its start-up and compilation overlap the one-process run below.
+        launcher = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            reference = train_lib.train(config, str(single_dir))  # this process: 8 devices
+            launcher.wait(timeout=TIMEOUT_S)
+        finally:
+            if launcher.poll() is None:
+                launcher.kill()
+    output = log_path.read_text()
+    assert launcher.returncode == 0, f"the two-process run failed:\n{output[-5000:]}"
+
+    # Process 0 alone logs: one metrics line per step, one summary line.
+    multi_metrics = read_metrics(str(multi_dir))
+    assert [m["step"] for m in multi_metrics] == list(range(1, NUM_STEPS + 1)), multi_metrics
+    summaries = [line for line in output.splitlines() if line.startswith('{"step"')]
+    assert len(summaries) == 1 and json.loads(summaries[0])["step"] == NUM_STEPS
+
+    # Same losses: the same float32 sums, over devices of two processes instead of one (1e-5 relative).
+    single_metrics = read_metrics(str(single_dir))
+    for key in ("loss", "grad_norm"):
+        np.testing.assert_allclose([m[key] for m in multi_metrics], [m[key] for m in single_metrics],
+                                   rtol=1e-5, err_msg=key)
+
+    # One shared checkpoint, restored by this one process onto its 8 devices. Params: 1e-5 absolute (they are
+    # O(0.1); the same float32 sums in another order, through 5 updates).
+    models = models_lib.build_models(config)
+    mesh = mesh_lib.make_mesh(config)
+    tx = optim.make_optimizer(config)
+    restored = checkpoint_lib.Checkpoints(multi_dir / "checkpoints", config).restore_latest(
+        lambda: checkpoint_lib.abstract_train_state(models, config, tx, mesh))
+    assert restored is not None and restored.step == NUM_STEPS
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5),
+                 restored.state.params, reference.state.params)
+    sharded = [leaf for leaf in jax.tree.leaves(restored.state.params) if "fsdp" in leaf.sharding.spec]
+    assert sharded, "the restored params should be split over this process's devices again"
+
+
+# --- the launcher and the flags, without JAX ---------------------------------------------------------------
+
+LAUNCHER = [sys.executable, os.path.join(ROOT, "launch", "local.py")]
+# Reports its flags and the XLA_FLAGS it got; process 1 fails with exit code 3, process 0 waits to be stopped.
+CHILD = """
+import os, sys, time
+flags = dict(arg[2:].split("=", 1) for arg in sys.argv[1:])
+with open(os.path.join({out!r}, flags["process_id"]), "w") as f:
+    f.write(flags["coordinator_address"] + " " + flags["num_processes"] + " " + os.environ["XLA_FLAGS"])
+if flags["process_id"] == "1" and {fail}:
+    sys.exit(3)
+time.sleep(60)
+"""
+
+
+def _child(tmp_path, fail: bool) -> list[str]:
+    return [sys.executable, "-c", CHILD.format(out=str(tmp_path), fail=fail)]
+
+
+def test_launcher_passes_flags_and_stops_all_when_one_fails(tmp_path):
+    start = time.monotonic()
+    result = subprocess.run([*LAUNCHER, "-n", "2", "--devices_per_process", "3", "--", *_child(tmp_path, True)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3, result.stderr
+    assert time.monotonic() - start < 30  # process 0 was stopped, not waited for (it sleeps 60 s)
+    reports = [(tmp_path / str(i)).read_text().split(" ", 2) for i in range(2)]
+    assert reports[0][0] == reports[1][0] and reports[0][0].startswith("127.0.0.1:")
+    assert all(num == "2" and "--xla_force_host_platform_device_count=3" in xla for _, num, xla in reports)
+
+
+def test_launcher_forwards_sigterm(tmp_path):
+    launcher = subprocess.Popen([*LAUNCHER, "-n", "2", "--", *_child(tmp_path, False)])
+    deadline = time.monotonic() + 30
+    while not all((tmp_path / str(i)).exists() for i in range(2)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    launcher.send_signal(signal.SIGTERM)
+    assert launcher.wait(timeout=30) == 128 + signal.SIGTERM  # the children died of the forwarded signal
+
+
+@pytest.mark.parametrize("flags,missing", [
+    ({"coordinator_address": "10.0.0.1:1234"}, "--num_processes, --process_id missing"),
+    ({"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 2}, "--process_id=2"),
+])
+def test_incomplete_distributed_flags_are_named(flags, missing):
+    with pytest.raises(distributed.DistributedFlagsError, match=missing):
+        distributed.initialize(**flags)

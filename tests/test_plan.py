@@ -1,0 +1,78 @@
+"""`sdjax plan`: AOT-compiles the real train step for a TPU topology (libtpu on this CPU host) or CPU devices."""
+
+import contextlib
+import io
+import os
+
+import jax
+import pytest
+
+from sdjax import cli
+from sdjax import models as models_lib
+from sdjax import plan as plan_lib
+
+
+@pytest.fixture
+def plan_config(tiny_config):
+    tiny_config.data.resolution = 32
+    tiny_config.train.eval_every = tiny_config.train.sample_every = 0
+    return tiny_config
+
+
+def _with_batch(config, batch_size):
+    config = config.copy_and_resolve_references()
+    config.train.batch_size = batch_size
+    return config
+
+
+def test_tpu_plan_memory_and_flops_grow_with_batch(plan_config):
+    # Not batch 1: at tiny batches the TPU compiler's padding and workspace, not activations, set the temps.
+    small = plan_lib.plan_step(_with_batch(plan_config, 32), "v5e:2x2")
+    large = plan_lib.plan_step(_with_batch(plan_config, 512), "v5e:2x2")
+    assert small.num_devices == 4 and small.batch_per_device == 8 and large.batch_per_device == 128
+    assert small.fits and large.fits
+    assert small.capacity_bytes == 16 * 2**30  # a v5e chip's HBM
+    assert large.temp_bytes > small.temp_bytes
+    assert large.total_bytes > small.total_bytes
+    assert large.flops_per_device > 8 * small.flops_per_device
+    assert large.roofline_step_s > small.roofline_step_s > 0
+    assert small.argument_bytes > 0 and small.images_per_s_per_device > 0
+
+
+def test_batch_far_beyond_hbm_reports_does_not_fit(plan_config):
+    plan_config.data.resolution = 128
+    plan = plan_lib.plan_step(_with_batch(plan_config, 4 * 4096), "v5e:2x2")
+    assert not plan.fits
+    assert plan.error is not None or plan.total_bytes > plan.capacity_bytes
+    assert "NO: does not fit" in plan_lib.format_table([plan])
+
+
+def test_cli_plan_on_cpu_devices_prints_table_and_caches(tmp_path):
+    argv = ["sdjax", "plan", "--config", "configs/demo.py", "--topology", "cpu:8", "--cache_dir", str(tmp_path),
+            "--config.data.resolution=16", "--config.train.batch_size=8"]
+    for attempt in range(2):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert cli.main(argv) == 0
+        table = out.getvalue()
+        assert "| cpu:8 | 1 |" in table and "yes" in table, table
+        assert len(os.listdir(tmp_path)) == 1  # one cached compile result, reused by the second call
+
+
+def test_unknown_topology_is_a_clear_error(plan_config):
+    with pytest.raises(ValueError, match="expected one of"):
+        plan_lib.plan_step(plan_config, "v9x:2x2")
+
+
+# Published parameter counts: SD 1.5 UNet ~860M, VAE ~84M, CLIP ViT-L/14 text ~123M; SD 2.1 UNet ~866M,
+# OpenCLIP ViT-H/14 text ~340M. Exact values are what diffusers/transformers build for these configs.
+@pytest.mark.parametrize("name,expected", [
+    ("sd15", {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}),
+    ("sd21", {"unet": 865_910_724, "vae": 83_653_863, "text_encoder": 340_387_840}),
+])
+def test_real_configs_have_published_parameter_counts(name, expected):
+    from tiny import load_config_file
+    config = load_config_file(name)
+    shapes = models_lib.param_shapes(models_lib.build_models(config), config)
+    counts = {k: sum(x.size for x in jax.tree.leaves(v)) for k, v in shapes.items()}
+    assert counts == expected

@@ -1,0 +1,131 @@
+"""Remat and gradient accumulation trade memory for time, never the result: same loss, same update.
+
+The step runs with `optax.sgd(1.0)`, so the update it applies is exactly minus the gradient: comparing updates
+compares gradients, with no optimizer in between (Adam's first step, g / |g|, would turn rounding noise in
+near-zero gradients into full-size differences).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from sdjax import data as data_lib
+from sdjax import mesh as mesh_lib
+from sdjax import models as models_lib
+from sdjax import optim
+from sdjax import step as step_lib
+from sdjax.config import ConfigError, validate
+from sdjax.models import remat as remat_lib
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """Config (batch 16: 2 per device, room for 2 micro-batches), models, mesh, the initial state and a batch,
+    shared: each variant below compiles only its step."""
+    from tiny import tiny_config
+    config = tiny_config()
+    config.train.batch_size = 16
+    models = models_lib.build_models(config)
+    mesh = mesh_lib.make_mesh(config)
+    state, shardings = step_lib.create_train_state(models, config, optax.sgd(1.0), mesh, jax.random.key(0))
+    batch = jax.device_put(data_lib.make_train_dataset(config, models.tokenizer)[0], mesh_lib.batch_sharding(mesh))
+    return config, models, mesh, state, shardings, batch
+
+
+def _one_step(setup, **train_overrides):
+    """(loss, update) of one SGD step on the batch, with `train_overrides` applied to config.train."""
+    config, models, mesh, state, shardings, batch = setup
+    config = config.copy_and_resolve_references()
+    config.train.update(train_overrides)
+    tx = optax.sgd(1.0)
+    step = step_lib.jit_train_step(
+        step_lib.make_train_step(models, config, tx, optim.make_lr_schedule(config)), shardings, mesh)
+    new_state, metrics = step(jax.tree.map(jnp.copy, state), batch, jax.random.key(1))  # the step donates it
+    update = jax.tree.map(lambda new, old: np.asarray(new) - np.asarray(old), new_state.params, state.params)
+    return float(metrics["loss"]), update
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    return _one_step(setup)
+
+
+# Tolerance: recomputation and micro-batching only reorder float32 sums (XLA fuses the recomputed forward
+# differently; micro-batch gradients are summed before averaging), so the loss agrees to 1e-6 relative and
+# every gradient entry to 1e-5 of the largest one (measured: about 1e-7 on this CPU).
+def _assert_same_step(result, reference):
+    loss, update = result
+    ref_loss, ref_update = reference
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    scale = max(float(np.max(np.abs(u))) for u in jax.tree.leaves(ref_update))
+    assert scale > 0
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * scale), update, ref_update)
+
+
+@pytest.mark.parametrize("policy", ["minimal", "full"])
+def test_remat_gives_same_loss_and_update(setup, reference, policy):
+    _assert_same_step(_one_step(setup, remat=policy), reference)
+
+
+def test_grad_accumulation_gives_same_loss_and_update_as_whole_batch(setup, reference):
+    _assert_same_step(_one_step(setup, grad_accum=2), reference)
+
+
+def test_remat_recomputes_inside_unet_blocks(tiny_config):
+    """The remat context really wraps the blocks: one remat per ResNet/Transformer block in the gradient."""
+    models = models_lib.build_models(tiny_config)
+    params = models_lib.param_shapes(models, tiny_config)["unet"]
+    latents = jax.ShapeDtypeStruct((1, 4, 2, 2), jnp.float32)
+    context = jax.ShapeDtypeStruct((1, tiny_config.data.max_length, models.unet.cross_attention_dim), jnp.float32)
+
+    def loss(unet_params, latents, context, policy):
+        with remat_lib.remat_unet_blocks(policy):
+            return models_lib.predict_noise(models, unet_params, latents, jnp.ones((1,), jnp.int32), context).sum()
+
+    def remat_count(policy):
+        grad = jax.grad(loss)
+        jaxpr = jax.make_jaxpr(grad, static_argnums=3)(params, latents, context, policy)  # traced, not compiled
+        return str(jaxpr).count("remat")
+
+    blocks = [name for block in params.values() if isinstance(block, dict) for name in block
+              if name.startswith(("resnets_", "attentions_"))]
+    assert remat_count("none") == 0
+    assert remat_count("full") == len(blocks) > 0
+
+
+def test_split_micro_batches_takes_every_device_share():
+    x = np.arange(8)  # on 4 devices: [0 1] [2 3] [4 5] [6 7]
+    micro = np.asarray(step_lib.split_micro_batches(x, 2))
+    np.testing.assert_array_equal(micro, [[0, 2, 4, 6], [1, 3, 5, 7]])  # one example from each device
+
+
+def test_memory_efficient_attention_matches_default(tiny_config):
+    """diffusers' chunked attention (`model.attention=memory_efficient`) is plain jnp: it runs on CPU as on TPU
+    and computes the same UNet output (float32, 1e-5: the softmax is summed chunk by chunk)."""
+    default_models = models_lib.build_models(tiny_config)
+    params = models_lib.init_params(default_models, tiny_config, jax.random.key(0))["unet"]
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((2, 4, 2, 2), np.float32)
+    context = rng.standard_normal((2, tiny_config.data.max_length, default_models.unet.cross_attention_dim),
+                                  np.float32)
+    outputs = {}
+    for attention in ("default", "memory_efficient"):
+        tiny_config.model.attention = attention
+        models = models_lib.build_models(tiny_config)
+        outputs[attention] = jax.jit(lambda p: models_lib.predict_noise(
+            models, p, latents, np.array([10, 900]), context))(params)
+    np.testing.assert_allclose(outputs["memory_efficient"], outputs["default"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("grad_accum", 3, "divisor of the per-device batch .* = 16 / 8 = 2"),
+    ("grad_accum", 0, "train.grad_accum=0"),
+    ("remat", "everything", r"\['none', 'minimal', 'full'\]"),
+])
+def test_bad_memory_settings_are_named(tiny_config, key, value, message):
+    tiny_config.train.batch_size = 16
+    tiny_config.train[key] = value
+    with pytest.raises(ConfigError, match=message):
+        validate(tiny_config, num_devices=8)
