@@ -36,6 +36,8 @@ SETTINGS = [
     ("optimizer=adafactor", {"optimizer.name": "adafactor"}),
     ("fsdp=all, remat=full, adafactor", {"mesh.fsdp": -1, "mesh.data": 1, "train.remat": "full",
                                          "optimizer.name": "adafactor"}),
+    ("attention=memory_efficient", {"model.attention": "memory_efficient"}),
+    ("attention=memory_efficient, remat=full", {"model.attention": "memory_efficient", "train.remat": "full"}),
 ]
 
 
@@ -62,6 +64,7 @@ def main() -> int:
     parser.add_argument("--batch_size", type=int, default=0, help="global batch (default: the config's)")
     parser.add_argument("--resolution", type=int, default=0, help="image side (default: the config's)")
     parser.add_argument("--cache_dir", default="", help="reuse `sdjax plan` compile results from here")
+    parser.add_argument("--only", default="", help="row labels to run, separated by ; (default: all)")
     args = parser.parse_args()
     base = load_config(args.config)
     if args.batch_size:
@@ -71,7 +74,10 @@ def main() -> int:
     print(f"{args.config}, {args.topology}, global batch {base.train.batch_size}, "
           f"{base.data.resolution}px, precision {base.train.precision}\n")
     print("| setting | state (args) MiB | temp MiB | total MiB | compile s |\n|---|---|---|---|---|")
+    wanted = [label.strip() for label in args.only.split(";") if label.strip()]
     for label, overrides in SETTINGS:
+        if wanted and label not in wanted:
+            continue
         try:
             plan = plan_lib.plan_step(with_overrides(base, overrides), args.topology, args.cache_dir or None)
         except ConfigError as e:
