@@ -109,7 +109,8 @@ def make_train_step(models: models_lib.Models, config: ml_collections.ConfigDict
 
     def loss_and_grads(trainable, frozen, batch, example_rngs):
         """Over `grad_accum` equal micro-batches in sequence (lax.scan): their mean loss and gradient are the
-        whole batch's, while only one micro-batch's activations are alive at a time."""
+        whole batch's, while only one micro-batch's activations are alive at a time. (XLA places the gradient
+        all-reduce inside the loop, once per micro-batch: seen in the compiled step.)"""
         if grad_accum == 1:
             return jax.value_and_grad(loss_fn)(trainable, frozen, batch, example_rngs)
 

@@ -36,6 +36,7 @@ def fsdp_run():
     return _run_two_steps(data=1, fsdp=8)
 
 
+@pytest.mark.slow  # about 70 s on 2 CPU cores, with the fsdp_run fixture's compile
 def test_fsdp8_splits_every_large_array_8_ways(fsdp_run):
     config, state, _ = fsdp_run
     min_size = config.mesh.fsdp_min_size
