@@ -67,6 +67,7 @@ def main() -> int:
     parser.add_argument("--only", default="", help="row labels to run, separated by ; (default: all)")
     args = parser.parse_args()
     base = load_config(args.config)
+    base.model.attention = "default"  # the rows' attention unless they set it: diffusers' as written
     if args.batch_size:
         base.train.batch_size = args.batch_size
     if args.resolution:

@@ -15,7 +15,7 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 OPTIMIZERS = ("adamw", "adafactor", "adamw_bf16")  # sdjax/optim.py
 REMAT_POLICIES = ("none", "minimal", "full")  # sdjax/models/remat.py
 DECAYS = ("constant", "linear", "cosine")
-ATTENTIONS = ("default", "memory_efficient")
+ATTENTIONS = ("auto", "default", "memory_efficient", "dot_product", "per_head")  # sdjax/models/attention.py
 MESH_AXES = ("data", "fsdp")
 SCHEDULERS = ("ddim", "pndm", "lms", "dpm", "euler", "ddpm")  # sampling schedulers (sdjax/models/schedulers.py)
 
@@ -25,7 +25,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.pretrained = ""  # a local diffusers-format folder; when set, it replaces unet/vae/text_encoder below
-    c.model.attention = "default"  # | "memory_efficient" (diffusers' chunked attention)
+    # UNet attention kernel: "auto" (fastest measured per platform) | "default" (diffusers as written) |
+    # "memory_efficient" (diffusers' chunked) | "dot_product" (cuDNN flash on GPU) | "per_head" (CPU); see
+    # sdjax/models/attention.py
+    c.model.attention = "auto"
     c.model.unet = ml_collections.ConfigDict(dict(  # FlaxUNet2DConditionModel kwargs (SD 1.5 shapes)
         sample_size=64, in_channels=4, out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),

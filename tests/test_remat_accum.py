@@ -5,6 +5,7 @@ compares gradients, with no optimizer in between (Adam's first step, g / |g|, wo
 near-zero gradients into full-size differences).
 """
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +18,7 @@ from sdjax import models as models_lib
 from sdjax import optim
 from sdjax import step as step_lib
 from sdjax.config import ConfigError, validate
+from sdjax.models import attention as attention_lib
 from sdjax.models import remat as remat_lib
 
 
@@ -75,6 +77,7 @@ def test_grad_accumulation_gives_same_loss_and_update_as_whole_batch(setup, refe
 
 def test_remat_recomputes_inside_unet_blocks(tiny_config):
     """The remat context really wraps the blocks: one remat per ResNet/Transformer block in the gradient."""
+    tiny_config.model.attention = "default"  # the per_head kernel (`auto` on CPU) has a remat of its own
     models = models_lib.build_models(tiny_config)
     params = models_lib.param_shapes(models, tiny_config)["unet"]
     latents = jax.ShapeDtypeStruct((1, 4, 2, 2), jnp.float32)
@@ -101,10 +104,12 @@ def test_split_micro_batches_takes_every_device_share():
     np.testing.assert_array_equal(micro, [[0, 2, 4, 6], [1, 3, 5, 7]])  # one example from each device
 
 
-def test_memory_efficient_attention_matches_default(tiny_config):
-    """diffusers' chunked attention (`model.attention=memory_efficient`) is plain jnp: it runs on CPU as on TPU
-    and computes the same UNet output (float32; the softmax is summed chunk by chunk, which moved outputs of
-    order 0.5 by up to 1.6e-4 in one CI-like run, so 5e-4 absolute)."""
+def test_attention_kernels_match_default(tiny_config, monkeypatch):
+    """The other `model.attention` kernels compute the default's UNet output (float32). Both reorder the
+    float32 sums (`memory_efficient` sums the softmax chunk by chunk; `dot_product` is XLA's fused kernel), and
+    the tiny UNet's GroupNorms over 2x2 latents amplify that: outputs of order 0.5 moved by up to 1.6e-4
+    (chunked) and 2.2e-4 (dot_product) in runs here, so 5e-4 absolute. `per_head` loops over heads; `auto`
+    on these 8 emulated CPU devices materialises the scores, in the layout of diffusers' split_head_dim."""
     default_models = models_lib.build_models(tiny_config)
     params = models_lib.init_params(default_models, tiny_config, jax.random.key(0))["unet"]
     rng = np.random.default_rng(0)
@@ -112,12 +117,61 @@ def test_memory_efficient_attention_matches_default(tiny_config):
     context = rng.standard_normal((2, tiny_config.data.max_length, default_models.unet.cross_attention_dim),
                                   np.float32)
     outputs = {}
-    for attention in ("default", "memory_efficient"):
+    kernels = ("default", "memory_efficient", "dot_product", "per_head", "auto")
+    for attention in kernels:
         tiny_config.model.attention = attention
         models = models_lib.build_models(tiny_config)
         outputs[attention] = jax.jit(lambda p: models_lib.predict_noise(
             models, p, latents, np.array([10, 900]), context))(params)
-    np.testing.assert_allclose(outputs["memory_efficient"], outputs["default"], rtol=0, atol=5e-4)
+    for attention in kernels[1:]:
+        np.testing.assert_allclose(outputs[attention], outputs["default"], rtol=0, atol=5e-4, err_msg=attention)
+    # On a CPU that is one JAX device, `auto` is `per_head`.
+    monkeypatch.setattr(attention_lib.jax, "local_device_count", lambda backend=None: 1)
+    np.testing.assert_array_equal(jax.jit(lambda p: models_lib.predict_noise(
+        models, p, latents, np.array([10, 900]), context))(params), outputs["per_head"])
+
+
+def test_dot_product_kernel_runs_in_every_attention_layer(tiny_config, monkeypatch):
+    """With `dot_product`, every one of the UNet's attention layers (self and cross) goes through
+    jax.nn.dot_product_attention; with `default`, none does."""
+    kernels = []
+    monkeypatch.setattr(attention_lib, "fused_attention_kernel",
+                        lambda query, key: kernels.append(query.shape) or "xla")
+    layers = []
+
+    def count_layers(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and isinstance(context.module, attention_lib.FlaxAttention):
+            layers.append(context.module.name)
+        return next_fun(*args, **kwargs)
+
+    latents = np.zeros((2, 4, 2, 2), np.float32)
+    for attention in ("default", "dot_product"):
+        tiny_config.model.attention = attention
+        models = models_lib.build_models(tiny_config)
+        params = models_lib.init_params(models, tiny_config, jax.random.key(0))["unet"]
+        context = np.zeros((2, tiny_config.data.max_length, models.unet.cross_attention_dim), np.float32)
+        with nn.intercept_methods(count_layers):
+            jax.eval_shape(lambda p: models_lib.predict_noise(models, p, latents, np.array([1, 2]), context), params)
+        if attention == "default":
+            assert not kernels and layers
+            default_layers, layers = len(layers), []
+    assert len(kernels) == default_layers
+
+
+def test_cudnn_flash_attention_only_where_cudnn_takes_the_shapes(monkeypatch):
+    """On GPU: cuDNN for half-precision self-attention; XLA for float32, for the 77-token cross-attention (cuDNN
+    refuses odd lengths in training) and for head dims over 128. Elsewhere always XLA."""
+    def kernel(length, key_length, dtype=jnp.bfloat16, head_dim=64):
+        q = jax.ShapeDtypeStruct((2, length, 8, head_dim), dtype)
+        k = jax.ShapeDtypeStruct((2, key_length, 8, head_dim), dtype)
+        return attention_lib.fused_attention_kernel(q, k)
+
+    assert kernel(4096, 4096) == "xla"  # this host is a CPU
+    monkeypatch.setattr(attention_lib.jax, "default_backend", lambda: "gpu")
+    assert kernel(4096, 4096) == "cudnn"
+    assert kernel(4096, 77) == "xla"
+    assert kernel(4096, 4096, jnp.float32) == "xla"
+    assert kernel(4096, 4096, head_dim=160) == "xla"
 
 
 @pytest.mark.parametrize("key,value,message", [

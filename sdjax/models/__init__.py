@@ -25,7 +25,7 @@ silence_flax_deprecation_notices()  # before the imports: diffusers logs the not
 from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel  # noqa: E402
 
-from sdjax.models import noise, pytorch_weights  # noqa: E402
+from sdjax.models import attention as attention_lib, noise, pytorch_weights  # noqa: E402
 from sdjax.models.tokenizer import builtin_tokenizer  # noqa: E402
 
 silence_flax_deprecation_notices()  # and after: now on the loggers those imports created
@@ -45,6 +45,7 @@ class Models:
     text_encoder: Any  # transformers' FlaxCLIPTextModule (a linen module)
     text_encoder_config: CLIPTextConfig
     tokenizer: CLIPTokenizer
+    attention: str = "default"  # model.attention (sdjax/models/attention.py)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -108,7 +109,7 @@ def build_models(config: ml_collections.ConfigDict) -> Models:
         text_cfg = CLIPTextConfig(**config.model.text_encoder.to_dict())
     text_encoder = FlaxCLIPTextModel(text_cfg, dtype=dtype, _do_init=False).module
     return Models(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_config=text_cfg,
-                  tokenizer=tokenizer)
+                  tokenizer=tokenizer, attention=config.model.attention)
 
 
 # --- parameters -------------------------------------------------------------------------------------
@@ -215,4 +216,5 @@ def decode_latents(models: Models, params: Params, latents: jax.Array) -> jax.Ar
 
 def predict_noise(models: Models, params: Params, noisy_latents, timesteps, text_embeddings) -> jax.Array:
     timesteps = jnp.asarray(timesteps)  # diffusers wraps a non-jax timesteps array in one more dimension
-    return models.unet.apply({"params": params}, noisy_latents, timesteps, text_embeddings).sample
+    with attention_lib.attention_kernel(models.attention):
+        return models.unet.apply({"params": params}, noisy_latents, timesteps, text_embeddings).sample

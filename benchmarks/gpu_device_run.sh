@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# One-shot GPU benchmark on a lent machine with no package index: installs the pinned pure-Python packages
+# carried as wheels in .whl/ (diffusers 0.39 and transformers 4.57 still have Flax; the machine's own
+# transformers does not), keeps the machine's jax/jaxlib/CUDA plugin and torch, then runs
+# benchmarks/gpu_train_step.py. Results and logs go to $OUT (or ./gpu_out).
+set -uo pipefail
+OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+if ! python3 -c "from diffusers import FlaxUNet2DConditionModel; import optax" 2>/tmp/flax_check.log; then
+  tail -3 /tmp/flax_check.log; echo "the machine's flax/optax do not load diffusers' Flax models: using the carried ones"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/extra/*.whl
+fi
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
+  python3 -c "import jax, jaxlib, flax, optax, torch, diffusers, transformers; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, jax.devices())"
+} 2>&1 | tee "$OUT/machine.txt"
+python3 benchmarks/gpu_train_step.py --json-out "$OUT/gpu_results.json" --log-dir "$OUT" "$@" | tee "$OUT/gpu_table.md"
