@@ -14,7 +14,8 @@ from ml_collections import config_flags
 USAGE = """usage: sdjax <command> [flags]
 
 commands:
-  train    train (fine-tune or from scratch): --config FILE --workdir DIR [--config.KEY=VALUE ...]
+  train    train (fine-tune or from scratch; with model.vae_config the VAE first):
+           --config FILE --workdir DIR [--config.KEY=VALUE ...]
   train-vae
            train the VAE alone (then train with --config.model.vae_from=DIR): --config FILE --workdir DIR
   cache-latents
