@@ -31,7 +31,9 @@ def get_config():
     c.optimizer.decay = "cosine"
     c.optimizer.end_learning_rate = 1e-4
 
-    c.train.steps = 600
+    # 400 steps: ~3 of the demo's 15 minutes on 2 CPU cores. The colours are learnt within 200 steps (a
+    # measured 600-step run: L1 0.083 at step 200, 0.056 at 275, 0.040 at 600; shapes get sharper).
+    c.train.steps = 400
     c.train.batch_size = 32
     c.train.log_every = 25
     c.train.ema_decay = 0.0
