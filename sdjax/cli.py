@@ -14,7 +14,10 @@ from ml_collections import config_flags
 USAGE = """usage: sdjax <command> [flags]
 
 commands:
-  train    train (fine-tune or from scratch): --config FILE --workdir DIR [--config.KEY=VALUE ...]
+  train    train (fine-tune or from scratch; with model.vae_config the VAE first):
+           --config FILE --workdir DIR [--config.KEY=VALUE ...]
+  train-vae
+           train the VAE alone (then train with --config.model.vae_from=DIR): --config FILE --workdir DIR
   cache-latents
            encode the dataset once with the VAE (then train with --config.data.latent_cache=DIR):
            --config FILE --out DIR
@@ -24,8 +27,12 @@ commands:
            (--workdir DIR [--step N] | --pretrained PATH) --prompt "..." [--prompt ...] [--negative-prompt "..."]
            [--num-images K] [--scheduler ddim|pndm|lms|dpm|euler|ddpm] [--steps 50] [--guidance 7.5] [--seed S]
            [--out grid.png] [--out-dir DIR]
-  export   a run's checkpoint -> a diffusers folder (safetensors) for PyTorch's StableDiffusionPipeline:
-           --workdir DIR --out OUT [--step N] [--format pytorch|flax] [--ema|--noema]
+  export   a run's checkpoint -> a diffusers folder (safetensors) for PyTorch's StableDiffusionPipeline
+           (a VAE run's -> an AutoencoderKL folder): --workdir DIR --out OUT [--step N] [--format pytorch|flax]
+           [--ema|--noema]
+  eval-demo
+           does a demo run draw what its held-out prompts say? accuracy per attribute: --workdir DIR
+           [--num-images 8] [--scheduler ddim] [--steps N] [--guidance G] [--seed S] [--out grid.png]
 
 `sdjax <command> --help` lists a command's flags."""
 
@@ -52,7 +59,11 @@ def _define_config_flag(fv: flags.FlagValues, argv: list[str]) -> None:
                                     lock_config=True, sys_argv=argv)
 
 
-def _train(argv: list[str]) -> int:
+def _train_vae(argv: list[str]) -> int:
+    return _train(argv, stage="vae")
+
+
+def _train(argv: list[str], stage: str | None = None) -> int:
     fv = flags.FlagValues()
     _define_config_flag(fv, argv)
     flags.DEFINE_string("workdir", None, "Where metrics, checkpoints and samples go.", flag_values=fv)
@@ -67,7 +78,7 @@ def _train(argv: list[str]) -> int:
     try:  # before anything touches a device
         distributed.initialize(fv.coordinator_address, fv.num_processes, fv.process_id)
     except distributed.DistributedFlagsError as e:
-        sys.exit(f"sdjax train: {e}")
+        sys.exit(f"{argv[0]}: {e}")
 
     import jax
 
@@ -75,10 +86,12 @@ def _train(argv: list[str]) -> int:
     from sdjax.config import ConfigError
     from sdjax.data import DataError
 
+    if stage:
+        fv.config.train.stage = stage
     try:
         result = train_lib.train(fv.config, fv.workdir)
     except (ConfigError, DataError) as e:
-        sys.exit(f"sdjax train: {e}")
+        sys.exit(f"{argv[0]}: {e}")
     if jax.process_index() == 0:
         print(train_lib.summarize(result))
     return 0
@@ -220,7 +233,38 @@ def _export(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "plan": _plan, "cache-latents": _cache_latents, "sample": _sample, "export": _export}
+def _eval_demo(argv: list[str]) -> int:
+    from sdjax.config import SCHEDULERS
+
+    fv = flags.FlagValues()
+    flags.DEFINE_string("workdir", None, "A `sdjax train` workdir of the demo (data.source=demo).", flag_values=fv)
+    flags.DEFINE_integer("step", None, "That checkpoint step instead of the newest.", flag_values=fv)
+    flags.DEFINE_integer("num_images", 8, "Images per held-out prompt.", flag_values=fv)
+    flags.DEFINE_enum("scheduler", None, SCHEDULERS, "Sampling scheduler (default: the run's sample.scheduler).",
+                      flag_values=fv)
+    flags.DEFINE_integer("steps", None, "Denoising steps (default: the run's sample.steps).", flag_values=fv)
+    flags.DEFINE_float("guidance", None, "Guidance scale (default: the run's sample.guidance).", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "Same seed, same images, same scores.", flag_values=fv)
+    flags.DEFINE_string("out", None, "Also write the scored images as a grid PNG (rows: prompts).", flag_values=fv)
+    flags.mark_flags_as_required(["workdir"], flag_values=fv)
+    _parse(fv, _dashes_to_underscores(argv))
+
+    import json
+
+    from sdjax import demo_eval
+    from sdjax.checkpoint import NoCheckpointError
+
+    try:
+        report = demo_eval.evaluate(fv.workdir, fv.step, fv.num_images, fv.scheduler, fv.steps, fv.guidance,
+                                    fv.seed, fv.out)
+    except (demo_eval.NotADemoRunError, NoCheckpointError, ValueError) as e:
+        sys.exit(f"sdjax eval-demo: {e}")
+    print(json.dumps(report))
+    return 0
+
+
+COMMANDS = {"train": _train, "plan": _plan, "cache-latents": _cache_latents, "sample": _sample, "export": _export,
+            "train-vae": _train_vae, "eval-demo": _eval_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

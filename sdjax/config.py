@@ -18,6 +18,7 @@ DECAYS = ("constant", "linear", "cosine")
 ATTENTIONS = ("auto", "default", "memory_efficient", "dot_product", "per_head")  # sdjax/models/attention.py
 MESH_AXES = ("data", "fsdp")
 SCHEDULERS = ("ddim", "pndm", "lms", "dpm", "euler", "ddpm")  # sampling schedulers (sdjax/models/schedulers.py)
+STAGES = ("unet", "vae")  # what a run trains (train.stage): sdjax/step.py stage_components
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -29,6 +30,11 @@ def base_config() -> ml_collections.ConfigDict:
     # "memory_efficient" (diffusers' chunked) | "dot_product" (cuDNN flash on GPU) | "per_head" (CPU); see
     # sdjax/models/attention.py
     c.model.attention = "auto"
+    # A trained VAE for the UNet stage, replacing model.vae: a `sdjax train-vae` workdir or a diffusers folder.
+    c.model.vae_from = ""
+    # A VAE config file (configs/demo_vae.py): `sdjax train` first trains the VAE with it into model.vae_from
+    # (default WORKDIR/vae), or resumes it there; skipped when a finished VAE run is already there.
+    c.model.vae_config = ""
     c.model.unet = ml_collections.ConfigDict(dict(  # FlaxUNet2DConditionModel kwargs (SD 1.5 shapes)
         sample_size=64, in_channels=4, out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
@@ -71,6 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.demo_num_examples = 2048
     c.data.demo_num_eval_examples = 64
     c.data.demo_seed = 0
+    c.data.demo_held_out = ()  # demo captions the train split never shows (`sdjax eval-demo` samples them)
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.num_train_timesteps = 1000
@@ -92,6 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.grad_clip_norm = 1.0  # global norm; 0 disables clipping
 
     c.train = ml_collections.ConfigDict()
+    c.train.stage = "unet"  # the UNet over a frozen VAE and text encoder | "vae" (the VAE alone: sdjax train-vae)
     c.train.steps = 10_000
     c.train.batch_size = 16  # global, over all hosts and devices
     c.train.seed = 0
@@ -107,6 +115,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.ema_decay = 0.0  # EMA of the UNet params, max decay (e.g. 0.9999, warmed up); 0 keeps no EMA
     c.train.sample_every = 0  # steps between sample grids of `sample.prompts` (WORKDIR/samples, TensorBoard); 0: never
     c.train.eval_every = 0  # steps between validation losses on the eval split (fixed noise, timesteps); 0: never
+
+    c.vae_train = ml_collections.ConfigDict()  # the VAE stage's objective and scaling factor (sdjax/vae.py)
+    c.vae_train.l1_weight = 1.0  # mean |x - reconstruction| over pixels in [-1, 1]
+    c.vae_train.l2_weight = 0.0  # mean squared error over pixels
+    c.vae_train.kl_weight = 1e-6  # KL(posterior || N(0, 1)), mean over latent elements
+    c.vae_train.scaling_examples = 1024  # training examples whose latents set the scaling factor (1 / std)
+    c.vae_train.grid_images = 8  # held-out images in the reconstruction grids (train.sample_every)
 
     c.sample = ml_collections.ConfigDict()  # the grids sampled during training (`sdjax sample` has flags)
     c.sample.prompts = ("a photograph of an astronaut riding a horse", "a watercolor painting of a lighthouse")
@@ -174,6 +189,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     _choice(config, "model.attention", ATTENTIONS)
     _choice(config, "train.remat", REMAT_POLICIES)
     _choice(config, "sample.scheduler", SCHEDULERS)
+    _choice(config, "train.stage", STAGES)
     from sdjax.data import SOURCES
     from sdjax.data.sources import resolve_auto_source
     _choice(config, "data.source", SOURCES)
@@ -201,6 +217,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
         if config[group][name] < 0:
             raise ConfigError(key, config[group][name], "expected a number of steps >= 0 (0 disables)")
     _validate_sampling(config)
+    _validate_vae(config)
     from sdjax.data import has_eval_split
     if config.train.eval_every and not has_eval_split(config):
         held_out = "data.eval_split" if config.data.source == "tfds" else "data.eval_path"
@@ -243,6 +260,41 @@ def _validate_sampling(config: ml_collections.ConfigDict) -> None:
                           f"expected between {min_steps} and diffusion.num_train_timesteps={max_steps}")
     if sample.guidance < 0:
         raise ConfigError("sample.guidance", sample.guidance, "expected a guidance scale >= 0")
+
+
+def _validate_vae(config: ml_collections.ConfigDict) -> None:
+    """The VAE stage's objective, and where the UNet stage's VAE comes from."""
+    model, vae = config.model, config.vae_train
+    for key in ("l1_weight", "l2_weight", "kl_weight"):
+        if vae[key] < 0:
+            raise ConfigError(f"vae_train.{key}", vae[key], "expected a weight >= 0")
+    if config.train.stage == "vae":
+        if vae.l1_weight == 0 and vae.l2_weight == 0:
+            raise ConfigError("vae_train.l1_weight", vae.l1_weight, "the VAE needs a reconstruction loss: set "
+                                                                   "vae_train.l1_weight or vae_train.l2_weight > 0")
+        if vae.scaling_examples < 1:
+            raise ConfigError("vae_train.scaling_examples", vae.scaling_examples, "expected at least 1")
+        if vae.grid_images < 1 and config.train.sample_every:
+            raise ConfigError("vae_train.grid_images", vae.grid_images, "expected at least 1 with train.sample_every")
+        for key in ("vae_from", "vae_config", "pretrained"):
+            if model[key]:
+                raise ConfigError(f"model.{key}", model[key], "the VAE stage (train.stage='vae') trains model.vae "
+                                                              "from scratch: expected ''")
+        if config.data.latent_cache:
+            raise ConfigError("data.latent_cache", config.data.latent_cache, "the VAE stage trains on images")
+    if (model.vae_from or model.vae_config) and model.pretrained:
+        key = "vae_from" if model.vae_from else "vae_config"
+        raise ConfigError(f"model.{key}", model[key], "model.pretrained brings its own VAE: set one of the two")
+    if model.vae_config:
+        from sdjax.vae import find_config_file
+        find_config_file(model.vae_config)  # raises ConfigError naming the key when it is not there
+    if config.data.demo_held_out:
+        from sdjax.data.shapes import scene_from_caption
+        for caption in config.data.demo_held_out:
+            try:
+                scene_from_caption(caption)
+            except ValueError as e:
+                raise ConfigError("data.demo_held_out", config.data.demo_held_out, str(e)) from None
 
 
 def _validate_checkpointing(train: ml_collections.ConfigDict) -> None:

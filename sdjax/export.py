@@ -113,6 +113,8 @@ def export(workdir: str, out: str, step: int | None = None, fmt: str = "pytorch"
     if os.path.exists(out):
         raise ExportError(f"{out} already exists: export writes a new folder.")
     loaded = checkpoint_lib.load_inference_checkpoint(workdir, step, use_ema)
+    if loaded.config.train.get("stage", "unet") == "vae":
+        return export_vae(loaded, workdir, out, fmt)
     config, params = loaded.config, loaded.params
     # The modules (no params) give each component's config; the tokenizer is the run's own.
     models = models_lib.build_models(config)
@@ -135,5 +137,27 @@ def export(workdir: str, out: str, step: int | None = None, fmt: str = "pytorch"
     _write_json(os.path.join(partial, "scheduler", "scheduler_config.json"),
                 scheduler_config(config, classes["scheduler"][1]))
     _write_json(os.path.join(partial, "model_index.json"), model_index(fmt))
+    os.rename(partial, out)
+    return ExportResult(out=out, step=loaded.step, format=fmt, ema=loaded.ema)
+
+
+def export_vae(loaded: checkpoint_lib.InferenceCheckpoint, workdir: str, out: str, fmt: str) -> ExportResult:
+    """A VAE run's checkpoint (`sdjax train-vae`) -> a diffusers VAE folder: OUT/config.json, with the run's
+    latent scaling factor, and OUT/diffusion_pytorch_model.safetensors (flax: .msgpack), which
+    `AutoencoderKL.from_pretrained(OUT)` loads and `model.vae_from=OUT` takes."""
+    from sdjax import vae as vae_lib
+    if not vae_lib.is_finished(workdir):
+        raise ExportError(f"{workdir} has no {vae_lib.SCALING_FILE}: the VAE run has not finished; run its "
+                          "`sdjax train-vae` command again to finish it.")
+    config = ml_collections.ConfigDict(loaded.config.to_dict())
+    with open(os.path.join(workdir, vae_lib.SCALING_FILE)) as f:
+        config.model.vae.scaling_factor = json.load(f)["scaling_factor"]
+    vae = models_lib.build_models(config).vae
+    partial = out.rstrip("/") + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    _write_json(os.path.join(partial, "config.json"),
+                pytorch_export.diffusers_model_config(vae, _CLASSES[fmt]["vae"][1]))
+    _write_weights(partial, loaded.params.pop("vae"), fmt, "diffusers")
     os.rename(partial, out)
     return ExportResult(out=out, step=loaded.step, format=fmt, ema=loaded.ema)

@@ -158,6 +158,8 @@ class TrainingSamples:
     """The fixed grid of `config.sample` (rows: prompts, columns: seeds), sampled during training into
     WORKDIR/samples/step_XXXXXX.png; the same noise every time, so grids compare across steps."""
 
+    tag = "samples"  # TensorBoard's image tag
+
     def __init__(self, models: models_lib.Models, config: ml_collections.ConfigDict, mesh, workdir: str):
         sample = config.sample
         self.sampler = Sampler(models, config, mesh, sample.scheduler, sample.steps)
@@ -191,6 +193,9 @@ def load_for_sampling(workdir: str | None = None, step: int | None = None, pretr
     if workdir:
         from sdjax import checkpoint
         config, params, step = checkpoint.load_params_for_inference(workdir, step, use_ema=use_ema)
+        if config.train.get("stage", "unet") == "vae":
+            raise SampleSourceError(f"{workdir} is a VAE run (`sdjax train-vae`): it has no UNet to sample; train "
+                                    f"one on it with --config.model.vae_from={workdir}")
         return config, params, step
     from sdjax.config import base_config
     config = base_config()

@@ -27,6 +27,14 @@ from sdjax.models import remat as remat_lib
 TRAINABLE = ("unet",)
 
 
+def stage_components(config: ml_collections.ConfigDict) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(trainable, all) components of the train state of `train.stage`: the UNet stage trains the UNet over a
+    frozen VAE and text encoder; the VAE stage (sdjax/vae.py) trains the VAE alone."""
+    if config.train.get("stage", "unet") == "vae":
+        return ("vae",), ("vae",)
+    return TRAINABLE, models_lib.COMPONENTS
+
+
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array
@@ -36,14 +44,15 @@ class TrainState:
     ema_params: dict[str, Any] | None = None  # EMA of `params` (sdjax/ema.py); None when train.ema_decay is 0
 
 
-def split_params(params: dict[str, Any]) -> tuple[dict, dict]:
-    trainable = {k: v for k, v in params.items() if k in TRAINABLE}
-    frozen = {k: v for k, v in params.items() if k not in TRAINABLE}
+def split_params(params: dict[str, Any], trainable_names: tuple[str, ...] = TRAINABLE) -> tuple[dict, dict]:
+    trainable = {k: v for k, v in params.items() if k in trainable_names}
+    frozen = {k: v for k, v in params.items() if k not in trainable_names}
     return trainable, frozen
 
 
-def state_from_params(params: dict[str, Any], tx: optax.GradientTransformation, ema: bool = False) -> TrainState:
-    trainable, frozen = split_params(params)
+def state_from_params(params: dict[str, Any], tx: optax.GradientTransformation, ema: bool = False,
+                      trainable_names: tuple[str, ...] = TRAINABLE) -> TrainState:
+    trainable, frozen = split_params(params, trainable_names)
     # A copy, not the same arrays: the step donates the state, and one buffer cannot be donated twice.
     ema_params = jax.tree.map(jnp.copy, trainable) if ema else None
     return TrainState(step=jnp.zeros((), jnp.int32), params=trainable, frozen=frozen, opt_state=tx.init(trainable),
@@ -62,18 +71,21 @@ def state_shardings(state_shapes: TrainState, mesh, config: ml_collections.Confi
 
 
 def create_train_state(models: models_lib.Models, config: ml_collections.ConfigDict, tx, mesh, rng):
-    """A sharded TrainState; params are created already sharded (or loaded from `model.pretrained`)."""
-    param_shapes = models_lib.param_shapes(models, config)
+    """A sharded TrainState of `train.stage`'s components; params are created already sharded (or loaded from
+    `model.pretrained`)."""
+    trainable, components = stage_components(config)
+    param_shapes = models_lib.param_shapes(models, config, components)
     ema = config.train.ema_decay > 0
-    state_shapes = jax.eval_shape(lambda p: state_from_params(p, tx, ema), param_shapes)
+    state_shapes = jax.eval_shape(lambda p: state_from_params(p, tx, ema, trainable), param_shapes)
     shardings = state_shardings(state_shapes, mesh, config)
     params_shardings = {**shardings.params, **shardings.frozen}
     if config.model.pretrained:
-        host_params = models_lib.load_pretrained_params(models, config)
+        host_params = models_lib.load_pretrained_params(models, config, components)
         params = jax.device_put(host_params, params_shardings)
     else:
-        params = models_lib.init_params(models, config, rng, out_shardings=params_shardings)
-    state = jax.jit(lambda p: state_from_params(p, tx, ema), out_shardings=shardings, donate_argnums=0)(params)
+        params = models_lib.init_params(models, config, rng, out_shardings=params_shardings, components=components)
+    state = jax.jit(lambda p: state_from_params(p, tx, ema, trainable), out_shardings=shardings,
+                    donate_argnums=0)(params)
     return state, shardings
 
 
@@ -83,8 +95,6 @@ def make_train_step(models: models_lib.Models, config: ml_collections.ConfigDict
     scheduler, scheduler_state = noise_lib.make_noise_scheduler(config)
     prediction_type = config.diffusion.prediction_type
     num_timesteps = config.diffusion.num_train_timesteps
-
-    grad_accum = config.train.grad_accum
 
     def loss_fn(trainable, frozen, batch, example_rngs):
         """Mean loss over `batch`. Example i's VAE sample, noise and timestep are drawn from example_rngs[i]
@@ -105,20 +115,31 @@ def make_train_step(models: models_lib.Models, config: ml_collections.ConfigDict
         target = noise_lib.training_target(scheduler, scheduler_state, latents, noise, timesteps, prediction_type)
         with remat_lib.remat_unet_blocks(config.train.remat):
             prediction = models_lib.predict_noise(models, params["unet"], noisy_latents, timesteps, text_embeddings)
-        return jnp.mean(jnp.square(prediction.astype(jnp.float32) - target))
+        return jnp.mean(jnp.square(prediction.astype(jnp.float32) - target)), {}
+
+    return make_update_step(loss_fn, config, tx, lr_schedule)
+
+
+def make_update_step(loss_fn: Callable, config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+                     lr_schedule: optax.Schedule) -> Callable:
+    """The train step of any stage around its `loss_fn(trainable, frozen, batch, example_rngs) -> (loss,
+    metrics)`: gradient accumulation, optimizer update, EMA, and the metrics {loss, grad_norm, lr, **metrics}."""
+    grad_accum = config.train.grad_accum
 
     def loss_and_grads(trainable, frozen, batch, example_rngs):
         """Over `grad_accum` equal micro-batches in sequence (lax.scan): their mean loss and gradient are the
         whole batch's, while only one micro-batch's activations are alive at a time. (XLA places the gradient
         all-reduce inside the loop, once per micro-batch: seen in the compiled step.)"""
         if grad_accum == 1:
-            return jax.value_and_grad(loss_fn)(trainable, frozen, batch, example_rngs)
+            return jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, batch, example_rngs)
 
         def accumulate(totals, micro_batch):
-            loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, *micro_batch)
-            return jax.tree.map(jnp.add, totals, (loss, grads)), None
+            loss_and_aux, grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, *micro_batch)
+            return jax.tree.map(jnp.add, totals, (loss_and_aux, grads)), None
 
-        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, trainable))
+        aux_shapes = jax.eval_shape(loss_fn, trainable, frozen, batch, example_rngs)[1]
+        zeros = ((jnp.zeros((), jnp.float32), jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), aux_shapes)),
+                 jax.tree.map(jnp.zeros_like, trainable))
         micro_batches = jax.tree.map(lambda x: split_micro_batches(x, grad_accum), (batch, example_rngs))
         totals, _ = jax.lax.scan(accumulate, zeros, micro_batches)
         return jax.tree.map(lambda total: total / grad_accum, totals)
@@ -126,10 +147,11 @@ def make_train_step(models: models_lib.Models, config: ml_collections.ConfigDict
     def train_step(state: TrainState, batch: dict, rng: jax.Array):
         step_rng = jax.random.fold_in(rng, state.step)
         example_rngs = jax.random.split(step_rng, jax.tree.leaves(batch)[0].shape[0])
-        loss, grads = loss_and_grads(state.params, state.frozen, batch, example_rngs)
+        (loss, loss_metrics), grads = loss_and_grads(state.params, state.frozen, batch, example_rngs)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr_schedule(state.step)}
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr_schedule(state.step),
+                   **loss_metrics}
         ema_params = state.ema_params
         if ema_params is not None:
             ema_params = ema_lib.update(ema_params, params, ema_lib.decay_at(state.step, config.train.ema_decay))

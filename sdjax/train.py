@@ -1,7 +1,10 @@
-"""`sdjax train`: the loop around the step. Reads top to bottom:
-logging -> mesh -> models -> validate -> input pipeline -> state (resumed from the newest complete
-checkpoint, else created) -> compile step -> loop (checkpoints every train.checkpoint_every steps, at the
-end, and at the step boundary after SIGTERM / a preemption notice).
+"""`sdjax train` and `sdjax train-vae`: the loop around the step. Reads top to bottom:
+logging -> (VAE stage first, with model.vae_config) -> mesh -> models -> validate -> input pipeline -> state
+(resumed from the newest complete checkpoint, else created) -> compile step -> loop (checkpoints every
+train.checkpoint_every steps, at the end, and at the step boundary after SIGTERM / a preemption notice) ->
+(VAE stage: the latent scaling factor).
+
+Both stages run this one loop; `train.stage` picks the stage's step, grids and evaluation (`STAGE_PARTS`).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import dataclasses
 import json
 import os
 import time
+from typing import Callable
 
 import jax
 import ml_collections
@@ -27,6 +31,7 @@ from sdjax import models as models_lib
 from sdjax import optim
 from sdjax import sample as sample_lib
 from sdjax import step as step_lib
+from sdjax import vae as vae_lib
 from sdjax.metrics import MetricsWriter
 from sdjax.preemption import StopRequest
 
@@ -62,6 +67,38 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
             f.write(config.to_json_best_effort(indent=2))
 
 
+@dataclasses.dataclass(frozen=True)
+class StageParts:
+    """What a stage brings to the loop: (models, config, tx, lr_schedule) -> train step; (models, config, mesh,
+    workdir) -> grid maker for train.sample_every; (models, config, mesh) -> evaluator for train.eval_every."""
+    make_train_step: Callable
+    make_grids: Callable
+    make_evaluator: Callable
+
+
+STAGE_PARTS = {
+    "unet": StageParts(step_lib.make_train_step, sample_lib.TrainingSamples, evaluation.Evaluator),
+    "vae": StageParts(vae_lib.make_train_step, vae_lib.ReconstructionSamples, vae_lib.ReconstructionEvaluator),
+}
+
+
+def train_vae_stage(config: ml_collections.ConfigDict, workdir: str) -> TrainResult | None:
+    """model.vae_config: the VAE stage into model.vae_from (default WORKDIR/vae), resumed there, or skipped
+    when a finished VAE run is there; then model.vae_from names it. None when there is nothing to train."""
+    if not config.model.vae_config:
+        return None
+    vae_workdir = config.model.vae_from or os.path.join(workdir, "vae")
+    result = None
+    if not vae_lib.is_finished(vae_workdir):
+        if jax.process_index() == 0:
+            tqdm.write(f"VAE stage ({config.model.vae_config}) in {vae_workdir}:")
+        result = train(vae_lib.vae_stage_config(config), vae_workdir)
+        if jax.process_index() == 0 and not result.interrupted:
+            tqdm.write(f"VAE stage done: {summarize(result)}\nUNet stage in {workdir}:")
+    config.model.vae_from = vae_workdir
+    return result
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     # --- logging -------------------------------------------------------------------------------------
     os.makedirs(workdir, exist_ok=True)
@@ -70,6 +107,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
 
     # --- models and validation (before anything compiles) --------------------------------------------
     config_lib.validate(config, jax.device_count(), jax.process_count())
+    vae_result = train_vae_stage(config, workdir)
+    if vae_result and vae_result.interrupted:
+        return vae_result  # the same command resumes the VAE stage, then runs this one
+    if config.model.vae_from:
+        vae_lib.use_trained_vae(config)  # model.vae <- its architecture and scaling factor (saved with this run)
+    stage = STAGE_PARTS[config.train.stage]
     models = models_lib.build_models(config)
     config_lib.validate_against_models(config, models)
     save_config(config, workdir)
@@ -95,14 +138,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
             tqdm.write(f"Resuming from the checkpoint at step {restored.step} in {checkpoints.directory}.")
     else:
         state, shardings = step_lib.create_train_state(models, config, tx, mesh, init_rng)
+        if config.model.vae_from:
+            state = vae_lib.with_trained_vae(state, models, config)
 
     # --- update step ----------------------------------------------------------------------------------
-    train_step = step_lib.jit_train_step(step_lib.make_train_step(models, config, tx, lr_schedule), shardings, mesh)
+    train_step = step_lib.jit_train_step(stage.make_train_step(models, config, tx, lr_schedule), shardings, mesh)
     batch_sharding = mesh_lib.batch_sharding(mesh)
 
-    # --- in-training sample grids and validation loss (compiled at their first use) --------------------
-    samples = sample_lib.TrainingSamples(models, config, mesh, workdir) if config.train.sample_every else None
-    evaluator = evaluation.Evaluator(models, config, mesh) if config.train.eval_every else None
+    # --- in-training grids (samples, or VAE reconstructions) and evaluation (compiled at first use) ----
+    samples = stage.make_grids(models, config, mesh, workdir) if config.train.sample_every else None
+    evaluator = stage.make_evaluator(models, config, mesh) if config.train.eval_every else None
 
     # --- loop -----------------------------------------------------------------------------------------
     start_step = int(state.step)
@@ -150,7 +195,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
                 grid = samples(step_lib.inference_params(state))  # EMA weights when kept
                 if is_main:
                     sample_lib.save_png(samples.path(step), grid)
-                writer.write_image(step, "samples", grid)
+                writer.write_image(step, samples.tag, grid)
                 window_start, window_steps = time.perf_counter(), 0  # images/s counts training only
             if evaluator and (step % config.train.eval_every == 0 or step == total):
                 writer.write(step, evaluator.evaluate_state(state))
@@ -174,6 +219,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
         batches.close()  # stops grain's threads and worker processes
         progress.close()
         writer.close()
+
+    # --- VAE stage: the latent scaling factor (its file marks the run finished) -----------------------
+    if config.train.stage == "vae" and not interrupted:
+        stats = vae_lib.compute_scaling_factor(models, config, mesh, step_lib.inference_params(state))
+        path = vae_lib.save_scaling_factor(workdir, stats, int(state.step))
+        last_metrics = {**last_metrics, **stats}
+        if is_main:
+            tqdm.write(f"Latent scaling factor {stats['scaling_factor']:.4f} (1 / std of the latents of "
+                       f"{stats['examples']} training images) in {path}.")
     return TrainResult(state=state, last_metrics=last_metrics, interrupted=interrupted)
 
 

@@ -226,7 +226,8 @@ def _sdjax_train(workdir, cache, steps):
                      sample_every=0, eval_every=0, compilation_cache_dir=cache)
     argv = [sys.executable, "-m", "sdjax.cli", "train", "--config", os.path.join(ROOT, "configs", "demo.py"),
             "--workdir", str(workdir), "--config.data.resolution=16", "--config.data.demo_num_examples=64",
-            "--config.data.num_threads=1", "--config.optimizer.warmup_steps=2"]
+            "--config.data.num_threads=1", "--config.optimizer.warmup_steps=2",
+            "--config.model.vae_config="]  # no VAE stage
     argv += [f"--config.train.{k}={v}" for k, v in overrides.items()]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}  # one CPU device: a quicker compile
     return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

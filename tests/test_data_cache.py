@@ -45,8 +45,8 @@ def cached(tmp_path_factory):
     config.model.pretrained = str(tmp / "pretrained")
     config.data.update(source="imagefolder", path=str(good), caption_dropout=0.5)
     overrides = [f"--config.{key}={value}" for key, value in (
-        ("model.pretrained", config.model.pretrained), ("data.source", "imagefolder"), ("data.path", with_bad),
-        ("data.resolution", 16), ("data.caption_dropout", 0.5), ("train.batch_size", 8),
+        ("model.pretrained", config.model.pretrained), ("model.vae_config", ""), ("data.source", "imagefolder"),
+        ("data.path", with_bad), ("data.resolution", 16), ("data.caption_dropout", 0.5), ("train.batch_size", 8),
         ("train.precision", "fp32"), ("data.num_threads", 1), ("train.eval_every", 0))]
     out = tmp / "latents"
     main = [os.path.join(ROOT, "configs", "demo.py"), "--out", str(out), *overrides]

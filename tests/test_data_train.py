@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.train.steps=4", "--config.train.batch_size=8", "--config.data.resolution=16",
         "--config.train.precision=fp32", "--config.train.compilation_cache_dir=", "--config.train.log_every=1",
         "--config.optimizer.warmup_steps=2", "--config.mesh.fsdp_min_size=256", "--config.data.num_threads=1",
-        "--config.train.eval_every=0", "--config.train.sample_every=0"]
+        "--config.train.eval_every=0", "--config.train.sample_every=0", "--config.model.vae_config="]
 
 
 def _train(workdir, *overrides):

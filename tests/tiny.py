@@ -17,6 +17,7 @@ def load_config_file(name: str):
 
 def tiny_config():
     c = load_config_file("demo")
+    c.model.vae_config = ""  # no VAE stage: the tests' UNet runs on a random VAE (tests/test_vae.py trains one)
     c.data.source = "demo"
     c.data.resolution = 16
     c.data.demo_num_examples = 64
@@ -28,4 +29,16 @@ def tiny_config():
     c.train.compilation_cache_dir = ""
     c.optimizer.warmup_steps = 2
     c.mesh.fsdp_min_size = 256
+    return c
+
+
+def tiny_vae_config():
+    """tiny_config's VAE trained alone (the VAE stage), at a constant learning rate."""
+    c = tiny_config()
+    c.train.stage = "vae"
+    c.train.steps = 30
+    c.train.sample_every = 30  # one reconstruction grid, at the end
+    c.train.eval_every = 0
+    c.optimizer.update(learning_rate=2e-3, warmup_steps=0)
+    c.vae_train.update(kl_weight=1e-5, scaling_examples=12, grid_images=4)
     return c

@@ -59,7 +59,8 @@ def make_source(config: ml_collections.ConfigDict, split: str = "train"):
     if data.source == "demo":
         seed = data.demo_seed if split == "train" else data.demo_seed + 1
         num = data.demo_num_examples if split == "train" else data.demo_num_eval_examples
-        return ShapesSource(num_examples=num, resolution=data.resolution, seed=seed)
+        held_out = data.get("demo_held_out", ()) if split == "train" else ()  # the eval split keeps every caption
+        return ShapesSource(num_examples=num, resolution=data.resolution, seed=seed, held_out=held_out)
     if split == "eval" and not has_eval_split(config):
         key = "data.eval_split" if data.source == "tfds" else "data.eval_path"
         raise DataError(f"data.source={data.source!r} has no held-out data: set {key}.")

@@ -112,6 +112,19 @@ def build_models(config: ml_collections.ConfigDict) -> Models:
                   tokenizer=tokenizer, attention=config.model.attention)
 
 
+def vae_config_from_folder(folder: str) -> dict:
+    """The FlaxAutoencoderKL kwargs in a diffusers VAE folder's config.json (keys the class has no field for,
+    such as diffusers' bookkeeping or PyTorch-only options, are left out)."""
+    fields = {f.name for f in dataclasses.fields(FlaxAutoencoderKL)} - {"dtype", "parent", "name"}
+    return {k: tuple(v) if isinstance(v, list) else v  # JSON lists: tuples in our configs
+            for k, v in _read_json(os.path.join(folder, "config.json")).items() if k in fields}
+
+
+def load_vae_params_from_folder(models: Models, config: ml_collections.ConfigDict, folder: str) -> Params:
+    """float32 VAE params (on host) of a diffusers VAE folder (PyTorch safetensors/bin or Flax msgpack)."""
+    return pytorch_weights.load_diffusers_weights(folder, param_shapes(models, config, ("vae",))["vae"])
+
+
 # --- parameters -------------------------------------------------------------------------------------
 
 
@@ -139,19 +152,22 @@ def _init_fns(models: Models, config: ml_collections.ConfigDict):
     return {"unet": init_unet, "vae": init_vae, "text_encoder": init_text_encoder}
 
 
-def param_shapes(models: Models, config: ml_collections.ConfigDict) -> dict[str, Params]:
-    """ShapeDtypeStructs of every component's params, without allocating any of them."""
+def param_shapes(models: Models, config: ml_collections.ConfigDict,
+                 components: tuple[str, ...] = COMPONENTS) -> dict[str, Params]:
+    """ShapeDtypeStructs of the components' params, without allocating any of them."""
     fns = _init_fns(models, config)
-    return {name: jax.eval_shape(fn, jax.random.key(0)) for name, fn in fns.items()}
+    return {name: jax.eval_shape(fns[name], jax.random.key(0)) for name in components}
 
 
-def init_params(models: Models, config: ml_collections.ConfigDict, rng: jax.Array, out_shardings=None):
-    """Random float32 params for all components; created directly with `out_shardings` when given."""
+def init_params(models: Models, config: ml_collections.ConfigDict, rng: jax.Array, out_shardings=None,
+                components: tuple[str, ...] = COMPONENTS):
+    """Random float32 params of `components`; created directly with `out_shardings` when given. A component's
+    init does not depend on which others are created with it."""
     fns = _init_fns(models, config)
     rngs = dict(zip(COMPONENTS, jax.random.split(rng, len(COMPONENTS))))
 
     def init_all(rngs):
-        return {name: fns[name](rngs[name]) for name in COMPONENTS}
+        return {name: fns[name](rngs[name]) for name in components}
 
     return jax.jit(init_all, out_shardings=out_shardings)(rngs)
 
@@ -210,6 +226,11 @@ def decode_latents(models: Models, params: Params, latents: jax.Array) -> jax.Ar
     # Handed over channels-last: diffusers guesses the layout from the last dim, which is ambiguous when the
     # latent width equals the number of latent channels (4x4 latents).
     latents_nhwc = jnp.transpose(latents / models.vae_scaling_factor, (0, 2, 3, 1))
+    return decode_unscaled_latents(models, params, latents_nhwc)
+
+
+def decode_unscaled_latents(models: Models, params: Params, latents_nhwc: jax.Array) -> jax.Array:
+    """Images NHWC in [-1, 1] (unclipped) from channels-last latents as the encoder gives them (unscaled)."""
     images = models.vae.apply({"params": params}, latents_nhwc, method=models.vae.decode).sample
     return jnp.transpose(images, (0, 2, 3, 1))
 

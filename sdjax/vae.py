@@ -1,0 +1,311 @@
+"""The VAE stage (`sdjax train-vae`, `train.stage="vae"`) and the trained VAE the UNet stage runs on.
+
+The VAE stage trains FlaxAutoencoderKL alone, with `sdjax train`'s loop, mesh, optimizer, checkpoints and
+metrics (sdjax/train.py); what differs is here. A batch {pixel_values [B,H,W,3] in [-1,1]} becomes a loss:
+  encode -> posterior N(mean, std^2) -> one latent sample -> decode -> reconstruction
+  loss = l1_weight * mean|x - x'| + l2_weight * mean (x - x')^2 + kl_weight * mean KL(posterior || N(0, 1))
+(means over pixels, over latent elements), the LDM/SD autoencoder objective without its optional perceptual
+and patch-GAN terms (not implemented). Every train.sample_every steps a grid of held-out images (top) and
+their reconstructions (bottom, from the posterior mean) goes to WORKDIR/samples and TensorBoard
+("reconstructions"); train.eval_every gives eval_l1 / eval_mse on the eval split.
+
+At the end, the latent scaling factor: 1 / std of sampled latents of `vae_train.scaling_examples` training
+images (SD's 0.18215 was found this way), so that the UNet stage's latents have unit variance. It is written
+to WORKDIR/vae_scaling_factor.json, whose presence marks a finished VAE run.
+
+The UNet stage takes the trained VAE with `model.vae_from` (such a workdir, or a diffusers folder):
+`use_trained_vae` copies its architecture and scaling factor into `model.vae` (so the UNet run's config and
+checkpoints are complete without it), `with_trained_vae` puts its weights into a fresh train state.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import os
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from sdjax import data as data_lib
+from sdjax import mesh as mesh_lib
+from sdjax import models as models_lib
+from sdjax import step as step_lib
+from sdjax.config import ConfigError
+from sdjax.data.records import CheckedSource
+
+SCALING_FILE = "vae_scaling_factor.json"
+# Fixed keys of the scaling factor's latent samples and of the grids: the same params give the same numbers.
+SCALING_SEED = 0
+
+
+# --- the loss -----------------------------------------------------------------------------------------
+
+
+def kl_to_standard_normal(mean: jax.Array, std: jax.Array) -> jax.Array:
+    """KL(N(mean, std^2) || N(0, 1)) per latent element."""
+    return 0.5 * (jnp.square(mean) + jnp.square(std) - 1.0 - 2.0 * jnp.log(std))
+
+
+def make_train_step(models: models_lib.Models, config: ml_collections.ConfigDict, tx, lr_schedule):
+    """(state, batch, rng) -> (state, metrics {loss, l1, mse, kl, grad_norm, lr}): the shared update step
+    (sdjax/step.py) around the autoencoder loss."""
+    weights = config.vae_train
+
+    def loss_fn(trainable, frozen, batch, example_rngs):
+        del frozen  # the VAE stage trains the VAE alone
+        params = trainable["vae"]
+        pixels = batch["pixel_values"]
+        mean, std = models_lib.image_latent_moments(models, params, pixels)
+        mean, std = mean.astype(jnp.float32), std.astype(jnp.float32)
+        noise = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], jnp.float32))(example_rngs)
+        reconstruction = models_lib.decode_unscaled_latents(models, params, mean + std * noise)
+        error = reconstruction.astype(jnp.float32) - pixels
+        metrics = {"l1": jnp.mean(jnp.abs(error)), "mse": jnp.mean(jnp.square(error)),
+                   "kl": jnp.mean(kl_to_standard_normal(mean, std))}
+        loss = (weights.l1_weight * metrics["l1"] + weights.l2_weight * metrics["mse"]
+                + weights.kl_weight * metrics["kl"])
+        return loss, metrics
+
+    return step_lib.make_update_step(loss_fn, config, tx, lr_schedule)
+
+
+def reconstruct(models: models_lib.Models, params: dict, pixels: jax.Array) -> jax.Array:
+    """Images NHWC in [-1, 1] decoded from the posterior mean (no sampling): what the VAE preserves."""
+    mean, _ = models_lib.image_latent_moments(models, params["vae"], pixels)
+    return models_lib.decode_unscaled_latents(models, params["vae"], mean).astype(jnp.float32)
+
+
+# --- held-out images: grids and eval ----------------------------------------------------------------
+
+
+def unaugmented_batches(config: ml_collections.ConfigDict, tokenizer, split: str, per_host_batch: int):
+    """Host batches of `split` ("train" or "eval") in order, without augmentation or caption dropout."""
+    records = CheckedSource(data_lib.make_source(config, split), (config.data.resolution,) * 2,
+                            config.data.min_image_size)
+    preprocess = data_lib.make_preprocess(config, tokenizer, train=False)
+
+    def model_inputs(index: int, record: dict) -> dict:
+        inputs = preprocess(record, np.random.default_rng(index))
+        return {"pixel_values": inputs["pixel_values"]}
+
+    return grain.MapDataset.source(records).map_with_index(model_inputs).batch(per_host_batch, drop_remainder=True)
+
+
+def held_out_split(config: ml_collections.ConfigDict) -> str:
+    return "eval" if data_lib.has_eval_split(config) else "train"
+
+
+class ReconstructionSamples:
+    """The grid of `vae_train.grid_images` held-out images (top row) and their reconstructions (bottom row),
+    into WORKDIR/samples/step_XXXXXX.png; the same images every time."""
+
+    tag = "reconstructions"
+
+    def __init__(self, models: models_lib.Models, config: ml_collections.ConfigDict, mesh, workdir: str):
+        count = config.vae_train.grid_images
+        batches = unaugmented_batches(config, models.tokenizer, held_out_split(config), count)
+        if len(batches) == 0:
+            raise data_lib.DataError(f"{data_lib.source_name(config)} has fewer than vae_train.grid_images={count} "
+                                     "examples for the reconstruction grid")
+        self.pixels = batches[0]["pixel_values"]
+        self.folder = os.path.join(workdir, "samples")
+        self._reconstruct = jax.jit(functools.partial(reconstruct, models), out_shardings=mesh_lib.replicated(mesh))
+
+    def __call__(self, params: dict) -> np.ndarray:
+        from sdjax.sample import image_grid, to_uint8
+        reconstructions = self._reconstruct(params, self.pixels)
+        images = np.concatenate([np.asarray(to_uint8(jnp.asarray(self.pixels))),
+                                 np.asarray(to_uint8(reconstructions))])
+        return image_grid(images, len(self.pixels))
+
+    def path(self, step: int) -> str:
+        return os.path.join(self.folder, f"step_{step:06d}.png")
+
+
+def reconstruction_errors(models: models_lib.Models, params: dict, pixels: jax.Array) -> dict[str, jax.Array]:
+    error = reconstruct(models, params, pixels) - pixels
+    return {"l1": jnp.mean(jnp.abs(error)), "mse": jnp.mean(jnp.square(error))}
+
+
+class ReconstructionEvaluator:
+    """{eval_l1, eval_mse}: the posterior-mean reconstruction error over the whole global batches of the eval
+    split (deterministic, so comparable across steps)."""
+
+    def __init__(self, models: models_lib.Models, config: ml_collections.ConfigDict, mesh):
+        global_batch = config.train.batch_size
+        self.process_count, self.process_index = jax.process_count(), jax.process_index()
+        self.host_batches = unaugmented_batches(config, models.tokenizer, "eval", global_batch // self.process_count)
+        self.num_batches = len(self.host_batches) // self.process_count
+        if self.num_batches == 0:
+            raise data_lib.DataError(f"the eval split of {data_lib.source_name(config)} has fewer examples than "
+                                     f"one global batch (train.batch_size={global_batch})")
+        self.batch_sharding = mesh_lib.batch_sharding(mesh)
+        self._errors = jax.jit(functools.partial(reconstruction_errors, models),
+                               out_shardings=mesh_lib.replicated(mesh))
+
+    def __call__(self, params: dict) -> dict[str, float]:
+        errors = []
+        for index in range(self.num_batches):
+            host_batch = self.host_batches[index * self.process_count + self.process_index]
+            pixels = jax.make_array_from_process_local_data(self.batch_sharding, host_batch["pixel_values"])
+            errors.append(self._errors(params, pixels))
+        errors = jax.device_get(errors)
+        return {k: float(np.mean([e[k] for e in errors])) for k in errors[0]}  # equal batch sizes
+
+    def evaluate_state(self, state: step_lib.TrainState) -> dict[str, float]:
+        metrics = {f"eval_{k}": v for k, v in self(step_lib.inference_params(state, use_ema=False)).items()}
+        if state.ema_params is not None:
+            metrics.update({f"eval_{k}_ema": v for k, v in self(step_lib.inference_params(state)).items()})
+        return metrics
+
+
+# --- the scaling factor -----------------------------------------------------------------------------
+
+
+def latent_moments_sums(models: models_lib.Models, params: dict, pixels: jax.Array, rng: jax.Array) -> jax.Array:
+    """[sum, sum of squares, count] of the elements of latents sampled from the posteriors of `pixels`."""
+    mean, std = models_lib.image_latent_moments(models, params["vae"], pixels)
+    mean, std = mean.astype(jnp.float32), std.astype(jnp.float32)
+    latents = mean + std * jax.random.normal(rng, mean.shape, jnp.float32)
+    return jnp.stack([jnp.sum(latents), jnp.sum(jnp.square(latents)), jnp.float32(latents.size)])
+
+
+def compute_scaling_factor(models: models_lib.Models, config: ml_collections.ConfigDict, mesh,
+                           params: dict) -> dict[str, float]:
+    """{scaling_factor: 1 / std, latent_mean, latent_std, examples} of sampled latents (unscaled) of the first
+    `vae_train.scaling_examples` training images (rounded up to whole global batches), without augmentation."""
+    global_batch = config.train.batch_size
+    process_count, process_index = jax.process_count(), jax.process_index()
+    host_batches = unaugmented_batches(config, models.tokenizer, "train", global_batch // process_count)
+    num_batches = min(-(-config.vae_train.scaling_examples // global_batch), len(host_batches) // process_count)
+    if num_batches == 0:
+        raise data_lib.DataError(f"{data_lib.source_name(config)} has fewer examples than one global batch "
+                                 f"(train.batch_size={global_batch}) for the scaling factor")
+    batch_sharding = mesh_lib.batch_sharding(mesh)
+    sums_fn = jax.jit(functools.partial(latent_moments_sums, models), out_shardings=mesh_lib.replicated(mesh))
+    base = jax.random.key(SCALING_SEED)
+    sums = []
+    for index in range(num_batches):
+        host_batch = host_batches[index * process_count + process_index]
+        pixels = jax.make_array_from_process_local_data(batch_sharding, host_batch["pixel_values"])
+        sums.append(sums_fn(params, pixels, jax.random.fold_in(base, index)))
+    total, total_sq, count = np.sum(np.asarray(jax.device_get(sums), np.float64), axis=0)
+    mean = total / count
+    std = float(np.sqrt(max(total_sq / count - mean * mean, 0.0)))
+    return {"scaling_factor": 1.0 / std, "latent_mean": float(mean), "latent_std": std,
+            "examples": num_batches * global_batch}
+
+
+def save_scaling_factor(workdir: str, stats: dict, step: int) -> str:
+    path = os.path.join(workdir, SCALING_FILE)
+    if jax.process_index() == 0:
+        with open(path, "w") as f:
+            json.dump({**stats, "step": step}, f, indent=2)
+            f.write("\n")
+    return path
+
+
+def is_finished(workdir: str) -> bool:
+    """Whether `workdir` holds a finished VAE run (its scaling factor is written last)."""
+    return os.path.isfile(os.path.join(workdir, SCALING_FILE))
+
+
+# --- the UNet stage's VAE ---------------------------------------------------------------------------
+
+
+def find_config_file(path: str) -> str:
+    """`model.vae_config` as given, or else relative to the sdjax checkout (`configs/demo_vae.py` works from
+    any directory when sdjax is installed editable)."""
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for candidate in (path, os.path.join(checkout, path)):
+        if os.path.isfile(candidate):
+            return candidate
+    raise ConfigError("model.vae_config", path, "expected a config file (e.g. configs/demo_vae.py)")
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+    """`get_config()` of a config file, as `--config FILE` loads it."""
+    spec = importlib.util.spec_from_file_location("sdjax_vae_config", find_config_file(path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def vae_stage_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The VAE stage's config for a UNet run with `model.vae_config`: that file's, on the UNet run's data
+    (`config.data`, so `--config.data.path=DIR` points both stages at DIR)."""
+    vae_config = load_config_file(config.model.vae_config)
+    vae_config.train.stage = "vae"
+    vae_config.data = ml_collections.ConfigDict(config.data.to_dict())
+    if vae_config.train.eval_every and not data_lib.has_eval_split(vae_config):
+        vae_config.train.eval_every = 0  # as the UNet stage: no held-out data, no evaluation
+    return vae_config
+
+
+def _vae_folder(path: str) -> str | None:
+    """The diffusers VAE folder at `path` (a VAE folder itself, or a pipeline folder's vae/), else None."""
+    for folder in (os.path.join(path, "vae"), path):
+        config_file = os.path.join(folder, "config.json")
+        if os.path.isfile(config_file):
+            with open(config_file) as f:
+                if "AutoencoderKL" in json.load(f).get("_class_name", ""):
+                    return folder
+    return None
+
+
+def _trained_vae_config(path: str) -> dict:
+    """FlaxAutoencoderKL kwargs of the VAE at `model.vae_from`, its scaling factor included."""
+    if not os.path.isdir(path):
+        raise ConfigError("model.vae_from", path, "expected a folder: a `sdjax train-vae` workdir or a diffusers "
+                                                  "(VAE or pipeline) folder")
+    if is_finished(path):
+        with open(os.path.join(path, SCALING_FILE)) as f:
+            scaling_factor = json.load(f)["scaling_factor"]
+        with open(os.path.join(path, "config.json")) as f:
+            run_vae = json.load(f)["model"]["vae"]  # JSON lists: the config's tuples
+        return {**{k: tuple(v) if isinstance(v, list) else v for k, v in run_vae.items()},
+                "scaling_factor": scaling_factor}
+    folder = _vae_folder(path)
+    if folder:
+        return models_lib.vae_config_from_folder(folder)
+    if os.path.isfile(os.path.join(path, "config.json")):  # a sdjax workdir without the scaling factor
+        raise ConfigError("model.vae_from", path, f"this VAE run has not finished (no {SCALING_FILE}): run its "
+                                                  "`sdjax train-vae` command again to finish it")
+    raise ConfigError("model.vae_from", path, "expected a `sdjax train-vae` workdir or a diffusers folder with an "
+                                              "AutoencoderKL config.json (itself or in vae/)")
+
+
+def use_trained_vae(config: ml_collections.ConfigDict) -> None:
+    """model.vae <- the architecture and scaling factor of the VAE at `model.vae_from`, in place."""
+    trained = _trained_vae_config(config.model.vae_from)
+    with config.unlocked():
+        config.model.vae = ml_collections.ConfigDict({**config.model.vae.to_dict(), **trained})
+
+
+def load_trained_vae_params(models: models_lib.Models, config: ml_collections.ConfigDict) -> dict:
+    """float32 host params of the VAE at `model.vae_from` (the EMA weights of a run that kept them)."""
+    path = config.model.vae_from
+    if is_finished(path):
+        from sdjax import checkpoint as checkpoint_lib
+        return checkpoint_lib.load_inference_checkpoint(path).params["vae"]
+    return models_lib.load_vae_params_from_folder(models, config, _vae_folder(path))
+
+
+def with_trained_vae(state: step_lib.TrainState, models: models_lib.Models,
+                     config: ml_collections.ConfigDict) -> step_lib.TrainState:
+    """`state` with its frozen VAE replaced by the one at `model.vae_from`, placed as the old one was."""
+    old = state.frozen["vae"]
+    params = load_trained_vae_params(models, config)
+    shapes = jax.tree.map(lambda x: tuple(np.shape(x)), params)
+    expected = jax.tree.map(lambda x: tuple(x.shape), old)
+    if shapes != expected:
+        raise ConfigError("model.vae_from", config.model.vae_from, "its weights do not have the shapes of its "
+                                                                   "config.json")
+    new = jax.tree.map(lambda host, placed: jax.device_put(np.asarray(host, np.float32), placed.sharding),
+                       params, old)
+    return state.replace(frozen={**state.frozen, "vae": new})

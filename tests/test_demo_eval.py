@@ -1,0 +1,52 @@
+"""The demo dataset's held-out captions and the scorer `sdjax eval-demo` uses: it recognises what the generator
+draws, and only that."""
+
+import numpy as np
+import pytest
+
+from sdjax import demo_eval
+from sdjax.data import shapes
+
+HELD_OUT = ("a red circle on a blue background", "a yellow square on a black background")
+
+
+def test_held_out_captions_never_occur_in_the_train_split_and_others_are_unchanged():
+    source = shapes.ShapesSource(num_examples=2000, resolution=16, seed=0, held_out=HELD_OUT)
+    everything = shapes.ShapesSource(num_examples=2000, resolution=16, seed=0)
+    captions = [source[i]["caption"] for i in range(len(source))]
+    assert not set(captions) & set(HELD_OUT)
+    original = [everything[i]["caption"] for i in range(len(everything))]
+    assert set(original) & set(HELD_OUT)  # the generator does draw them when asked to keep them
+    assert [c for c, o in zip(captions, original) if o not in HELD_OUT] == [o for o in original if o not in HELD_OUT]
+
+
+@pytest.mark.parametrize("resolution", [16, 32])
+def test_scorer_accepts_every_generated_scene_for_its_own_caption(resolution):
+    for index in range(60):
+        scene = shapes.scene_for(3, index)
+        assert shapes.score(shapes.render(scene, resolution), scene.caption) == {
+            "background": True, "foreground": True, "shape": True}, (index, scene)
+
+
+def test_scorer_rejects_each_wrong_attribute():
+    scene = shapes.ShapeScene("square", "red", "blue", 0.45, 0.55, 0.3)
+    image = shapes.render(scene, 32)
+    assert shapes.score(image, "a green square on a blue background") == {
+        "background": True, "foreground": False, "shape": True}
+    assert shapes.score(image, "a red square on a white background") == {
+        "background": False, "foreground": True, "shape": True}
+    assert shapes.score(image, "a red circle on a blue background")["shape"] is False
+    assert shapes.score(np.zeros((32, 32, 3), np.uint8), "a red circle on a blue background") == {
+        "background": False, "foreground": False, "shape": False}
+
+
+def test_accuracy_is_the_fraction_of_images_right_per_attribute():
+    right = shapes.render(shapes.scene_from_caption(HELD_OUT[0]), 32)
+    wrong_colour = shapes.render(shapes.scene_from_caption("a green circle on a blue background"), 32)
+    result = demo_eval.accuracy(np.stack([right, wrong_colour]), [HELD_OUT[0]] * 2)
+    assert result == {"background": 1.0, "foreground": 0.5, "shape": 1.0, "all": 0.5}
+
+
+def test_a_caption_that_is_not_a_demo_caption_is_refused():
+    with pytest.raises(ValueError, match="not a demo caption"):
+        shapes.scene_from_caption("a purple circle on a blue background")
