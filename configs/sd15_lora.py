@@ -3,8 +3,8 @@
     python -m sdjax.cli train --config configs/sd15_lora.py --workdir runs/lora \
         --config.model.pretrained=/path/to/sd15 --config.data.path=/path/to/images
 
-Rank-4 adapters on the UNet's attention projections are the only trained params (~0.8M of the UNet's 860M);
-the frozen base is stored in bfloat16. Add `--config.lora.text_encoder_target_modules='("q_proj", "k_proj",
+Rank-4 adapters on the UNet's attention projections are the only trained params (797,184 of the UNet's
+859,520,964); the frozen base is stored in bfloat16. Add `--config.lora.text_encoder_target_modules='("q_proj", "k_proj",
 "v_proj", "out_proj")'` to adapt the text encoder too. `sdjax export` writes pytorch_lora_weights.safetensors.
 """
 

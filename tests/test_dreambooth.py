@@ -92,3 +92,13 @@ def test_dreambooth_settings_are_checked(dreambooth_config):
     dreambooth_config.train.grad_accum = 8  # micro-batches of 1 cannot each hold both halves
     with pytest.raises(config_lib.ConfigError, match="train.batch_size"):
         config_lib.validate(dreambooth_config, num_devices=1)
+
+
+def test_dreambooth_config_needs_the_instance_folder_then_validates(dreambooth_config):
+    from tiny import load_config_file
+    config = load_config_file("dreambooth")
+    with pytest.raises(config_lib.ConfigError, match="dreambooth.instance_data_dir"):
+        config_lib.validate(config, 8)
+    config.dreambooth.instance_data_dir = dreambooth_config.dreambooth.instance_data_dir
+    config.dreambooth.class_data_dir = dreambooth_config.dreambooth.class_data_dir
+    config_lib.validate(config, 8)

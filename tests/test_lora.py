@@ -222,3 +222,13 @@ def test_merged_export_and_sampling_params_equal_the_merged_adapters(exported, t
     config.model.pretrained = merged_out
     loaded = models_lib.load_pretrained_params(models_lib.build_models(config), config)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), loaded, expected)
+
+
+@pytest.mark.parametrize("name", ["demo_lora", "sd15_lora"])
+def test_lora_configs_validate(name, tmp_path):
+    from tiny import load_config_file
+    config = load_config_file(name)
+    if name == "sd15_lora":
+        config.data.path = str(tmp_path)  # an image folder (data.source auto -> imagefolder)
+    config_lib.validate(config, 8)
+    assert lora_lib.enabled(config)
