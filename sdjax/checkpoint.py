@@ -26,6 +26,7 @@ from absl import logging
 from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
+from sdjax import lora as lora_lib
 from sdjax import step as step_lib
 
 COMMIT_MARKER = "commit_success.txt"  # orbax writes it last, on every filesystem
@@ -256,7 +257,7 @@ def _run_checkpoint_dir(workdir: str) -> epath.Path:
 @dataclasses.dataclass
 class InferenceCheckpoint:
     config: ml_collections.ConfigDict  # the config the run used
-    params: dict  # host float32 numpy params {"unet", "vae", "text_encoder"}
+    params: dict  # host numpy params {"unet", "vae", "text_encoder"} (+ "lora": the adapters of a LoRA run)
     step: int
     ema: bool  # whether params["unet"] is the run's EMA of the UNet
 
@@ -294,6 +295,9 @@ def load_inference_checkpoint(workdir: str, step: int | None = None, use_ema: bo
 
 def load_params_for_inference(workdir: str, step: int | None = None,
                               use_ema: bool = True) -> tuple[ml_collections.ConfigDict, dict, int]:
-    """(config, params, step) of `load_inference_checkpoint`."""
+    """(config, params, step) of `load_inference_checkpoint`, LoRA adapters merged into their kernels."""
     loaded = load_inference_checkpoint(workdir, step, use_ema)
-    return loaded.config, loaded.params, loaded.step
+    params = loaded.params
+    if lora_lib.COMPONENT in params:
+        params = jax.device_get(lora_lib.merge(params, lora_lib.scale(loaded.config.lora)))
+    return loaded.config, params, loaded.step

@@ -29,7 +29,8 @@ commands:
            [--out grid.png] [--out-dir DIR]
   export   a run's checkpoint -> a diffusers folder (safetensors) for PyTorch's StableDiffusionPipeline
            (a VAE run's -> an AutoencoderKL folder): --workdir DIR --out OUT [--step N] [--format pytorch|flax]
-           [--ema|--noema]
+           [--ema|--noema] (a LoRA run: OUT/pytorch_lora_weights.safetensors for load_lora_weights, or
+           [--merge-lora])
   eval-demo
            does a demo run draw what its held-out prompts say? accuracy per attribute: --workdir DIR
            [--num-images 8] [--scheduler ddim] [--steps N] [--guidance G] [--seed S] [--out grid.png]
@@ -215,8 +216,10 @@ def _export(argv: list[str]) -> int:
                       "flax: msgpack for FlaxStableDiffusionPipeline.", flag_values=fv)
     flags.DEFINE_boolean("ema", True, "Export the run's EMA UNet weights when it kept them (--noema: the raw ones).",
                          flag_values=fv)
+    flags.DEFINE_boolean("merge_lora", False, "A LoRA run: write a full pipeline folder with the adapters merged "
+                         "into the weights, instead of pytorch_lora_weights.safetensors.", flag_values=fv)
     flags.mark_flags_as_required(["workdir", "out"], flag_values=fv)
-    _parse(fv, argv)
+    _parse(fv, _dashes_to_underscores(argv))
 
     import dataclasses
     import json
@@ -226,7 +229,7 @@ def _export(argv: list[str]) -> int:
     from sdjax.models import PretrainedFolderError
 
     try:
-        result = export_lib.export(fv.workdir, fv.out, fv.step, fv.format, fv.ema)
+        result = export_lib.export(fv.workdir, fv.out, fv.step, fv.format, fv.ema, fv.merge_lora)
     except (export_lib.ExportError, NoCheckpointError, PretrainedFolderError) as e:
         sys.exit(f"sdjax export: {e}")
     print(json.dumps(dataclasses.asdict(result)))

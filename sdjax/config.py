@@ -85,6 +85,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.diffusion.beta_start = 0.00085
     c.diffusion.beta_end = 0.012
     c.diffusion.prediction_type = "epsilon"
+    # With model.pretrained: the keys above come from its scheduler/scheduler_config.json when it has one.
+    c.diffusion.schedule_from_pretrained = True
+    c.diffusion.prediction_type_override = ""  # | "epsilon" | "v_prediction": train with this one instead
+
+    c.loss = ml_collections.ConfigDict()  # options of the diffusion loss (sdjax/step.py, sdjax/models/noise.py)
+    c.loss.snr_gamma = 0.0  # Min-SNR-gamma loss weighting (5.0 is the paper's); 0: plain MSE
+    c.loss.noise_offset = 0.0  # per-channel offset added to the noise (e.g. 0.05-0.1: darker/brighter images)
+    c.loss.input_perturbation = 0.0  # extra noise on the inputs only (e.g. 0.1); the target keeps the noise
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "adamw"  # | "adafactor" (factored 2nd moment, no 1st) | "adamw_bf16" (bf16 moments)
@@ -97,6 +105,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.b2 = 0.999
     c.optimizer.eps = 1e-8
     c.optimizer.grad_clip_norm = 1.0  # global norm; 0 disables clipping
+    c.optimizer.text_encoder_learning_rate = 0.0  # train.train_text_encoder: its peak LR; 0: learning_rate
 
     c.train = ml_collections.ConfigDict()
     c.train.stage = "unet"  # the UNet over a frozen VAE and text encoder | "vae" (the VAE alone: sdjax train-vae)
@@ -115,6 +124,23 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.ema_decay = 0.0  # EMA of the UNet params, max decay (e.g. 0.9999, warmed up); 0 keeps no EMA
     c.train.sample_every = 0  # steps between sample grids of `sample.prompts` (WORKDIR/samples, TensorBoard); 0: never
     c.train.eval_every = 0  # steps between validation losses on the eval split (fixed noise, timesteps); 0: never
+    c.train.train_text_encoder = False  # also fine-tune the whole text encoder (optimizer.text_encoder_learning_rate)
+    c.train.frozen_precision = "fp32"  # | "bf16": storage of the frozen params (half the memory; see step.py)
+
+    c.dreambooth = ml_collections.ConfigDict()  # sdjax/data/dreambooth.py; replaces data.source / data.path
+    c.dreambooth.instance_data_dir = ""  # a folder of images of the subject; set: DreamBooth training
+    c.dreambooth.instance_prompt = ""  # every instance image's caption, e.g. "a photo of sks dog"
+    c.dreambooth.with_prior_preservation = False  # half of each batch: class images, loss weighted as below
+    c.dreambooth.class_data_dir = ""  # class images; the missing ones are sampled from the base model
+    c.dreambooth.class_prompt = ""  # e.g. "a photo of a dog"
+    c.dreambooth.num_class_images = 100  # at least this many class images (generated when fewer are there)
+    c.dreambooth.prior_loss_weight = 1.0
+
+    c.lora = ml_collections.ConfigDict()  # low-rank adapters (sdjax/lora.py); only they are trained
+    c.lora.rank = 0  # 0: no LoRA (the UNet itself is trained)
+    c.lora.alpha = 0.0  # adapters are scaled by alpha / rank; 0 means alpha = rank (scale 1)
+    c.lora.unet_target_modules = ("to_q", "to_k", "to_v", "to_out.0")  # attention projections (PyTorch names)
+    c.lora.text_encoder_target_modules = ()  # e.g. ("q_proj", "k_proj", "v_proj", "out_proj")
 
     c.vae_train = ml_collections.ConfigDict()  # the VAE stage's objective and scaling factor (sdjax/vae.py)
     c.vae_train.l1_weight = 1.0  # mean |x - reconstruction| over pixels in [-1, 1]
@@ -218,6 +244,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
             raise ConfigError(key, config[group][name], "expected a number of steps >= 0 (0 disables)")
     _validate_sampling(config)
     _validate_vae(config)
+    _choice(config, "train.frozen_precision", PRECISIONS)
+    _validate_lora(config)
+    _validate_loss_options(config)
+    _validate_dreambooth(config)
     from sdjax.data import has_eval_split
     if config.train.eval_every and not has_eval_split(config):
         held_out = "data.eval_split" if config.data.source == "tfds" else "data.eval_path"
@@ -295,6 +325,74 @@ def _validate_vae(config: ml_collections.ConfigDict) -> None:
                 scene_from_caption(caption)
             except ValueError as e:
                 raise ConfigError("data.demo_held_out", config.data.demo_held_out, str(e)) from None
+
+
+def _validate_loss_options(config: ml_collections.ConfigDict) -> None:
+    _choice(config, "diffusion.prediction_type_override", ("",) + PREDICTION_TYPES)
+    for key in ("snr_gamma", "noise_offset", "input_perturbation"):
+        if config.loss[key] < 0:
+            raise ConfigError(f"loss.{key}", config.loss[key], "expected >= 0 (0 disables it)")
+    if config.optimizer.text_encoder_learning_rate < 0:
+        raise ConfigError("optimizer.text_encoder_learning_rate", config.optimizer.text_encoder_learning_rate,
+                          "expected > 0, or 0 for optimizer.learning_rate")
+
+
+def _validate_dreambooth(config: ml_collections.ConfigDict) -> None:
+    import os
+    db = config.dreambooth
+    if not db.instance_data_dir:
+        if db.with_prior_preservation or db.instance_prompt:
+            raise ConfigError("dreambooth.instance_data_dir", db.instance_data_dir,
+                              "DreamBooth (dreambooth.instance_prompt or with_prior_preservation set) needs the "
+                              "folder of the subject's images")
+        return
+    if not os.path.isdir(db.instance_data_dir):
+        raise ConfigError("dreambooth.instance_data_dir", db.instance_data_dir, "expected a folder of images")
+    if not db.instance_prompt.strip():
+        raise ConfigError("dreambooth.instance_prompt", db.instance_prompt,
+                          "expected the prompt that names the subject, e.g. 'a photo of sks dog'")
+    if config.train.eval_every:
+        raise ConfigError("train.eval_every", config.train.eval_every, "DreamBooth has no held-out data: set 0")
+    if config.data.latent_cache or config.data.aspect_buckets:
+        raise ConfigError("data.latent_cache" if config.data.latent_cache else "data.aspect_buckets",
+                          config.data.latent_cache or True, "not available with DreamBooth (leave it unset)")
+    if not db.with_prior_preservation:
+        return
+    if not db.class_data_dir or not db.class_prompt.strip():
+        key = "class_data_dir" if not db.class_data_dir else "class_prompt"
+        raise ConfigError(f"dreambooth.{key}", db[key], "prior preservation needs dreambooth.class_data_dir (a "
+                          "folder, filled with generated images when short) and dreambooth.class_prompt")
+    if db.num_class_images < 1:
+        raise ConfigError("dreambooth.num_class_images", db.num_class_images, "expected at least 1")
+    if db.prior_loss_weight < 0:
+        raise ConfigError("dreambooth.prior_loss_weight", db.prior_loss_weight, "expected >= 0")
+    half = config.train.batch_size // 2
+    if config.train.batch_size % 2 or half % config.train.grad_accum:
+        # Every micro-batch must be [instance half; class half] too (sdjax/step.py split_micro_batches).
+        raise ConfigError("train.batch_size", config.train.batch_size, "prior preservation needs an even batch "
+                          f"(instance half, class half) whose half is a multiple of train.grad_accum="
+                          f"{config.train.grad_accum}")
+
+
+def _validate_lora(config: ml_collections.ConfigDict) -> None:
+    from sdjax.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS
+    lora = config.lora
+    if not isinstance(lora.rank, int) or lora.rank < 0:
+        raise ConfigError("lora.rank", lora.rank, "expected an integer >= 0 (0 disables LoRA)")
+    if lora.alpha < 0:
+        raise ConfigError("lora.alpha", lora.alpha, "expected >= 0 (0 means alpha = lora.rank)")
+    for key, allowed in (("unet_target_modules", UNET_TARGETS), ("text_encoder_target_modules", TEXT_ENCODER_TARGETS)):
+        value = lora[key]
+        if isinstance(value, str) or any(name not in allowed for name in value):
+            raise ConfigError(f"lora.{key}", value, f"expected a tuple of names among {list(allowed)}")
+    if lora.rank == 0:
+        return
+    if not lora.unet_target_modules and not lora.text_encoder_target_modules:
+        raise ConfigError("lora.unet_target_modules", lora.unet_target_modules,
+                          "lora.rank > 0 needs target modules in the UNet or the text encoder")
+    if config.train.train_text_encoder:
+        raise ConfigError("train.train_text_encoder", True, "a LoRA run (lora.rank > 0) trains adapters only: "
+                          "use lora.text_encoder_target_modules for the text encoder, or lora.rank=0")
 
 
 def _validate_checkpointing(train: ml_collections.ConfigDict) -> None:

@@ -7,7 +7,9 @@
     OUT/tokenizer/        the run's CLIP tokenizer
     OUT/scheduler/        scheduler_config.json: PNDM (Stable Diffusion's own) over the run's `diffusion.*`
 
-`StableDiffusionPipeline.from_pretrained(OUT)` loads the PyTorch folder. No torch and no accelerator are
+`StableDiffusionPipeline.from_pretrained(OUT)` loads the PyTorch folder. A LoRA run (`lora.rank > 0`) exports
+OUT/pytorch_lora_weights.safetensors instead, for `pipe.load_lora_weights(OUT)` (see `export`), or with
+`--merge_lora` the folder above with the adapters merged into the weights. No torch and no accelerator are
 needed: weights go from the checkpoint to numpy to safetensors. Only params are read (no optimizer state),
 and one component is converted and written at a time, its Flax arrays freed as they are converted: for SD 1.5
 the peak is the params (~4.3 GB fp32) plus one converted UNet (~3.4 GB).
@@ -29,6 +31,7 @@ from flax.traverse_util import flatten_dict
 from safetensors.numpy import save_file
 
 from sdjax import checkpoint as checkpoint_lib
+from sdjax import lora as lora_lib
 from sdjax import models as models_lib
 from sdjax.models import pytorch_export
 
@@ -54,12 +57,17 @@ class ExportError(ValueError):
     """The export cannot be written as asked (bad format, output folder already there)."""
 
 
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name `load_lora_weights(folder)` looks for
+
+
 @dataclasses.dataclass
 class ExportResult:
     out: str
     step: int
     format: str
-    ema: bool  # whether the UNet weights are the run's EMA weights
+    ema: bool  # whether the UNet weights (LoRA: the adapters) are the run's EMA weights
+    lora_weights: str | None = None  # OUT/pytorch_lora_weights.safetensors of a LoRA run (not merged)
+    pipeline: bool = True  # whether OUT holds a whole diffusers pipeline folder
 
 
 def model_index(fmt: str) -> dict:
@@ -106,8 +114,15 @@ def _write_weights(folder: str, params, fmt: str, library: str) -> None:
     save_file(state, path, metadata={"format": "pt"})  # transformers refuses safetensors without "format"
 
 
-def export(workdir: str, out: str, step: int | None = None, fmt: str = "pytorch", use_ema: bool = True):
-    """Writes the checkpoint at `step` (default: the newest complete one) of the run in `workdir` to `out`."""
+def export(workdir: str, out: str, step: int | None = None, fmt: str = "pytorch", use_ema: bool = True,
+           merge_lora: bool = False):
+    """Writes the checkpoint at `step` (default: the newest complete one) of the run in `workdir` to `out`.
+
+    A LoRA run gives OUT/pytorch_lora_weights.safetensors, for `pipe.load_lora_weights(OUT)` on the base
+    pipeline (`model.pretrained`); when the run's base was not a pretrained folder (random init, as in
+    configs/demo_lora.py), that base is written beside it as a pipeline folder, so
+    `StableDiffusionPipeline.from_pretrained(OUT).load_lora_weights(OUT)` works. `merge_lora`: a full
+    pipeline folder with the adapters folded into the weights instead."""
     if fmt not in FORMATS:
         raise ExportError(f"--format={fmt!r}: expected one of {list(FORMATS)}.")
     if os.path.exists(out):
@@ -116,11 +131,34 @@ def export(workdir: str, out: str, step: int | None = None, fmt: str = "pytorch"
     if loaded.config.train.get("stage", "unet") == "vae":
         return export_vae(loaded, workdir, out, fmt)
     config, params = loaded.config, loaded.params
+    adapters = params.pop(lora_lib.COMPONENT, None)
+    if adapters is not None and merge_lora:
+        params = lora_lib.merge({**params, lora_lib.COMPONENT: adapters}, lora_lib.scale(config.lora))
+        adapters = None
+    if adapters is not None and fmt != "pytorch":
+        raise ExportError(f"--format={fmt}: a LoRA run exports its adapters for PyTorch diffusers only; add "
+                          f"--merge_lora for a {fmt} pipeline folder with the adapters merged in.")
+    partial = out.rstrip("/") + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)  # a previous export that was cut off
+    os.makedirs(partial)
+    result = ExportResult(out=out, step=loaded.step, format=fmt, ema=loaded.ema)
+    if adapters is not None:
+        state, metadata = pytorch_export.lora_to_pytorch_state(adapters, params, config.lora.rank,
+                                                               lora_lib.alpha(config.lora))
+        save_file(state, os.path.join(partial, LORA_WEIGHTS), metadata=metadata)
+        result.lora_weights = os.path.join(out, LORA_WEIGHTS)
+        result.pipeline = not config.model.pretrained
+    if result.pipeline:
+        _write_pipeline(partial, config, params, fmt)
+    os.rename(partial, out)
+    return result
+
+
+def _write_pipeline(partial: str, config: ml_collections.ConfigDict, params: dict, fmt: str) -> None:
+    """The diffusers pipeline folder of `params` in `partial` (which it empties of params as it writes)."""
     # The modules (no params) give each component's config; the tokenizer is the run's own.
     models = models_lib.build_models(config)
     classes = _CLASSES[fmt]
-    partial = out.rstrip("/") + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)  # a previous export that was cut off
     for name in ("unet", "vae"):
         folder = os.path.join(partial, name)
         os.makedirs(folder)
@@ -137,8 +175,6 @@ def export(workdir: str, out: str, step: int | None = None, fmt: str = "pytorch"
     _write_json(os.path.join(partial, "scheduler", "scheduler_config.json"),
                 scheduler_config(config, classes["scheduler"][1]))
     _write_json(os.path.join(partial, "model_index.json"), model_index(fmt))
-    os.rename(partial, out)
-    return ExportResult(out=out, step=loaded.step, format=fmt, ema=loaded.ema)
 
 
 def export_vae(loaded: checkpoint_lib.InferenceCheckpoint, workdir: str, out: str, fmt: str) -> ExportResult:

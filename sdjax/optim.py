@@ -36,11 +36,26 @@ def make_lr_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Gradient clipping (over all trained params), then the optimizer; with `train.train_text_encoder` the
+    text encoder's params get their own instance of it, at `optimizer.text_encoder_learning_rate`."""
     opt = config.optimizer
-    schedule = make_lr_schedule(config)
+    clip = [optax.clip_by_global_norm(opt.grad_clip_norm)] if opt.grad_clip_norm > 0 else []
+    update = _optimizer(config, make_lr_schedule(config))
+    if not config.train.train_text_encoder:
+        return optax.chain(*clip, *update)
+    text_config = config.copy_and_resolve_references()
+    text_config.optimizer.learning_rate = opt.text_encoder_learning_rate or opt.learning_rate
+    text_update = _optimizer(text_config, make_lr_schedule(text_config))
+    # Labels by component: a prefix of the params tree {"unet": ..., "text_encoder": ...}.
+    return optax.chain(*clip, optax.multi_transform(
+        {"unet": optax.chain(*update), "text_encoder": optax.chain(*text_update)},
+        lambda params: {name: "text_encoder" if name == "text_encoder" else "unet" for name in params}))
+
+
+def _optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule) -> list[optax.GradientTransformation]:
+    """The transformations of `optimizer.name` over `schedule`, without clipping."""
+    opt = config.optimizer
     chain = []
-    if opt.grad_clip_norm > 0:
-        chain.append(optax.clip_by_global_norm(opt.grad_clip_norm))
     if opt.name == "adamw":
         chain.append(optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay))
     elif opt.name == "adamw_bf16":
@@ -55,7 +70,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
                   optax.add_decayed_weights(opt.weight_decay), optax.scale_by_learning_rate(schedule)]
     else:
         raise ValueError(f"optimizer.name={opt.name!r} is not one of adamw, adamw_bf16, adafactor.")
-    return optax.chain(*chain)
+    return chain
 
 
 # --- bfloat16 optimizer state -----------------------------------------------------------------------

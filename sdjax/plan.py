@@ -116,7 +116,8 @@ def _device_spec(topology: str, devices: list) -> ChipSpec | None:
 def _abstract_inputs(models, config, tx, mesh):
     """ShapeDtypeStructs (with shardings) of the state, batch and rng that the trainer passes to the step."""
     param_shapes = models_lib.param_shapes(models, config)
-    state_shapes = jax.eval_shape(lambda p: step_lib.state_from_params(p, tx), param_shapes)
+    state_shapes = jax.eval_shape(lambda p, rng: step_lib.initial_state(p, rng, config, tx, ema=False),
+                                  param_shapes, jax.random.key(0))
     shardings = step_lib.state_shardings(state_shapes, mesh, config)
     state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shapes, shardings)
     batch_sharding = mesh_lib.batch_sharding(mesh)

@@ -10,6 +10,7 @@ Compute runs in the models' dtype (bf16 by default); params and optimizer state 
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax
@@ -19,6 +20,7 @@ import ml_collections
 import optax
 
 from sdjax import ema as ema_lib
+from sdjax import lora as lora_lib
 from sdjax import mesh as mesh_lib
 from sdjax import models as models_lib
 from sdjax.models import noise as noise_lib
@@ -28,41 +30,70 @@ TRAINABLE = ("unet",)
 
 
 def stage_components(config: ml_collections.ConfigDict) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(trainable, all) components of the train state of `train.stage`: the UNet stage trains the UNet over a
-    frozen VAE and text encoder; the VAE stage (sdjax/vae.py) trains the VAE alone."""
+    """(trainable, all) components of the train state of `train.stage`: the UNet stage trains the UNet (or its
+    LoRA adapters, and the text encoder if asked) over a frozen VAE and text encoder; the VAE stage
+    (sdjax/vae.py) trains the VAE alone."""
     if config.train.get("stage", "unet") == "vae":
         return ("vae",), ("vae",)
-    return TRAINABLE, models_lib.COMPONENTS
+    return trainable_components(config), models_lib.COMPONENTS
 
 
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array
-    params: dict[str, Any]  # trainable components, float32: {"unet": ...}
+    params: dict[str, Any]  # trainable components, float32: {"unet": ...} (LoRA: {"lora": adapters})
     frozen: dict[str, Any]  # components that are only run forward: {"vae": ..., "text_encoder": ...}
     opt_state: optax.OptState
     ema_params: dict[str, Any] | None = None  # EMA of `params` (sdjax/ema.py); None when train.ema_decay is 0
+    # alpha / rank of the LoRA adapters in params["lora"] (sdjax/lora.py); static: not an array of the state.
+    lora_scale: float = flax.struct.field(pytree_node=False, default=0.0)
 
 
-def split_params(params: dict[str, Any], trainable_names: tuple[str, ...] = TRAINABLE) -> tuple[dict, dict]:
-    trainable = {k: v for k, v in params.items() if k in trainable_names}
-    frozen = {k: v for k, v in params.items() if k not in trainable_names}
-    return trainable, frozen
+def trainable_components(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """What the optimizer updates: the VAE stage's VAE; the LoRA adapters alone; or the UNet (and the text
+    encoder if asked)."""
+    if config.train.get("stage", "unet") == "vae":
+        return ("vae",)
+    if lora_lib.enabled(config):
+        return (lora_lib.COMPONENT,)
+    return TRAINABLE + (("text_encoder",) if config.train.train_text_encoder else ())
+
+
+def frozen_dtype(config: ml_collections.ConfigDict):
+    """How the frozen params are stored: float32, or bfloat16 (half the memory; a bf16 run computes on
+    bfloat16 copies of them anyway)."""
+    return models_lib.compute_dtype(config.train.frozen_precision)
+
+
+def split_params(params: dict[str, Any], trainable: tuple[str, ...] = TRAINABLE) -> tuple[dict, dict]:
+    return ({k: v for k, v in params.items() if k in trainable},
+            {k: v for k, v in params.items() if k not in trainable})
 
 
 def state_from_params(params: dict[str, Any], tx: optax.GradientTransformation, ema: bool = False,
-                      trainable_names: tuple[str, ...] = TRAINABLE) -> TrainState:
-    trainable, frozen = split_params(params, trainable_names)
+                      trainable: tuple[str, ...] = TRAINABLE, frozen_dtype=jnp.float32,
+                      lora_scale: float = 0.0) -> TrainState:
+    trainable, frozen = split_params(params, trainable)
+    frozen = jax.tree.map(lambda x: x.astype(frozen_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, frozen)
     # A copy, not the same arrays: the step donates the state, and one buffer cannot be donated twice.
     ema_params = jax.tree.map(jnp.copy, trainable) if ema else None
     return TrainState(step=jnp.zeros((), jnp.int32), params=trainable, frozen=frozen, opt_state=tx.init(trainable),
-                      ema_params=ema_params)
+                      ema_params=ema_params, lora_scale=lora_scale)
+
+
+def initial_state(params: dict[str, Any], rng: jax.Array, config: ml_collections.ConfigDict,
+                  tx: optax.GradientTransformation, ema: bool) -> TrainState:
+    """The state a run starts from: the base params, plus fresh LoRA adapters (from `rng`) when configured."""
+    params = lora_lib.add_adapters(params, config, rng)
+    lora_scale = lora_lib.scale(config.lora) if lora_lib.enabled(config) else 0.0
+    return state_from_params(params, tx, ema, trainable_components(config), frozen_dtype(config), lora_scale)
 
 
 def inference_params(state: TrainState, use_ema: bool = True) -> dict[str, Any]:
-    """{"unet", "vae", "text_encoder"} for sampling: the EMA weights when kept (and `use_ema`)."""
+    """{"unet", "vae", "text_encoder"} for sampling: the EMA weights when kept (and `use_ema`), LoRA adapters
+    merged into their kernels."""
     trainable = state.ema_params if (use_ema and state.ema_params is not None) else state.params
-    return {**state.frozen, **trainable}
+    return lora_lib.merge({**state.frozen, **trainable}, state.lora_scale)
 
 
 def state_shardings(state_shapes: TrainState, mesh, config: ml_collections.ConfigDict) -> TrainState:
@@ -73,33 +104,33 @@ def state_shardings(state_shapes: TrainState, mesh, config: ml_collections.Confi
 def create_train_state(models: models_lib.Models, config: ml_collections.ConfigDict, tx, mesh, rng):
     """A sharded TrainState of `train.stage`'s components; params are created already sharded (or loaded from
     `model.pretrained`)."""
-    trainable, components = stage_components(config)
+    _, components = stage_components(config)
     param_shapes = models_lib.param_shapes(models, config, components)
     ema = config.train.ema_decay > 0
-    state_shapes = jax.eval_shape(lambda p: state_from_params(p, tx, ema, trainable), param_shapes)
+    lora_rng = jax.random.fold_in(rng, 1)  # the base params keep `rng` itself: the same init as without LoRA
+    init_state = functools.partial(initial_state, config=config, tx=tx, ema=ema)
+    state_shapes = jax.eval_shape(init_state, param_shapes, lora_rng)
     shardings = state_shardings(state_shapes, mesh, config)
-    params_shardings = {**shardings.params, **shardings.frozen}
+    params_shardings = mesh_lib.tree_shardings(param_shapes, mesh, config.mesh.fsdp_min_size)  # the state's rule
     if config.model.pretrained:
         host_params = models_lib.load_pretrained_params(models, config, components)
         params = jax.device_put(host_params, params_shardings)
     else:
         params = models_lib.init_params(models, config, rng, out_shardings=params_shardings, components=components)
-    state = jax.jit(lambda p: state_from_params(p, tx, ema, trainable), out_shardings=shardings,
-                    donate_argnums=0)(params)
+    state = jax.jit(init_state, out_shardings=shardings, donate_argnums=0)(params, lora_rng)
     return state, shardings
 
 
-def make_train_step(models: models_lib.Models, config: ml_collections.ConfigDict,
-                    tx: optax.GradientTransformation, lr_schedule: optax.Schedule) -> Callable:
-    """(state, batch, rng) -> (state, metrics); `rng` is the run's base key, folded with the step inside."""
+def make_example_losses(models: models_lib.Models, config: ml_collections.ConfigDict) -> Callable:
+    """(params, batch, example_rngs) -> the loss of each example [B]: the MSE of the UNet's prediction,
+    weighted by Min-SNR-gamma when `loss.snr_gamma` > 0. Example i's VAE sample, noise and timestep are drawn
+    from example_rngs[i] alone, so an example's loss does not depend on the batch it is in."""
     scheduler, scheduler_state = noise_lib.make_noise_scheduler(config)
     prediction_type = config.diffusion.prediction_type
     num_timesteps = config.diffusion.num_train_timesteps
+    loss = config.loss
 
-    def loss_fn(trainable, frozen, batch, example_rngs):
-        """Mean loss over `batch`. Example i's VAE sample, noise and timestep are drawn from example_rngs[i]
-        alone, so a micro-batch computes exactly its examples' part of the whole batch's loss."""
-        params = {**frozen, **trainable}
+    def example_losses(params, batch, example_rngs):
         latent_rngs, noise_rngs, time_rngs = jax.vmap(lambda k: tuple(jax.random.split(k, 3)))(example_rngs)
         if "latent_mean" in batch:  # from the latent cache (sdjax/data/latent_cache.py): the VAE already ran
             latent_mean, latent_std = batch["latent_mean"], batch["latent_std"]
@@ -108,14 +139,50 @@ def make_train_step(models: models_lib.Models, config: ml_collections.ConfigDict
         latents = jax.vmap(lambda mean, std, k: models_lib.sample_latents(models, mean[None], std[None], k)[0])(
             latent_mean, latent_std, latent_rngs)
         text_embeddings = models_lib.encode_text(models, params["text_encoder"], batch["input_ids"])
-        noise = jax.vmap(lambda k: jax.random.normal(k, latents.shape[1:], jnp.float32))(noise_rngs)
+        noise = jax.vmap(lambda k: noise_lib.training_noise(k, latents.shape[1:], loss.noise_offset))(noise_rngs)
+        input_noise = jax.vmap(lambda k, n: noise_lib.perturbed_noise(k, n, loss.input_perturbation))(
+            noise_rngs, noise)
         timesteps = jax.vmap(lambda k: jax.random.randint(k, (), 0, num_timesteps))(time_rngs)
         latents = latents.astype(jnp.float32)
-        noisy_latents = noise_lib.add_noise(scheduler, scheduler_state, latents, noise, timesteps)
+        noisy_latents = noise_lib.add_noise(scheduler, scheduler_state, latents, input_noise, timesteps)
         target = noise_lib.training_target(scheduler, scheduler_state, latents, noise, timesteps, prediction_type)
         with remat_lib.remat_unet_blocks(config.train.remat):
             prediction = models_lib.predict_noise(models, params["unet"], noisy_latents, timesteps, text_embeddings)
-        return jnp.mean(jnp.square(prediction.astype(jnp.float32) - target)), {}
+        losses = jnp.mean(jnp.square(prediction.astype(jnp.float32) - target), axis=tuple(range(1, target.ndim)))
+        if loss.snr_gamma:
+            losses = losses * noise_lib.min_snr_weights(scheduler_state, timesteps, loss.snr_gamma, prediction_type)
+        return losses
+
+    return example_losses
+
+
+def combine_example_losses(losses: jax.Array, config: ml_collections.ConfigDict) -> jax.Array:
+    """The batch's loss from its examples' losses: their mean; with DreamBooth prior preservation, the batch
+    is [instance examples; class examples] (sdjax/data/dreambooth.py) and the loss is
+    mean(instance half) + dreambooth.prior_loss_weight * mean(class half), as in diffusers' train_dreambooth."""
+    if not prior_preservation(config):
+        return jnp.mean(losses)
+    half = losses.shape[0] // 2
+    return jnp.mean(losses[:half]) + config.dreambooth.prior_loss_weight * jnp.mean(losses[half:])
+
+
+def prior_preservation(config: ml_collections.ConfigDict) -> bool:
+    return "dreambooth" in config and bool(config.dreambooth.instance_data_dir) and \
+        config.dreambooth.with_prior_preservation
+
+
+def make_train_step(models: models_lib.Models, config: ml_collections.ConfigDict,
+                    tx: optax.GradientTransformation, lr_schedule: optax.Schedule) -> Callable:
+    """(state, batch, rng) -> (state, metrics) of the UNet stage; `rng` is the run's base key, folded with the
+    step inside."""
+    lora_scale = lora_lib.scale(config.lora) if lora_lib.enabled(config) else 0.0
+    example_losses = make_example_losses(models, config)
+
+    def loss_fn(trainable, frozen, batch, example_rngs):
+        """The loss of `batch`. A micro-batch (strided, see split_micro_batches) computes exactly its examples'
+        part of the whole batch's loss, also the two halves of a prior-preservation batch."""
+        params = lora_lib.merge({**frozen, **trainable}, lora_scale)  # LoRA: W + scale * A @ B, differentiable
+        return combine_example_losses(example_losses(params, batch, example_rngs), config), {}
 
     return make_update_step(loss_fn, config, tx, lr_schedule)
 

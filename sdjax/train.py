@@ -1,8 +1,8 @@
 """`sdjax train` and `sdjax train-vae`: the loop around the step. Reads top to bottom:
-logging -> (VAE stage first, with model.vae_config) -> mesh -> models -> validate -> input pipeline -> state
-(resumed from the newest complete checkpoint, else created) -> compile step -> loop (checkpoints every
-train.checkpoint_every steps, at the end, and at the step boundary after SIGTERM / a preemption notice) ->
-(VAE stage: the latent scaling factor).
+logging -> (VAE stage first, with model.vae_config) -> mesh -> models -> validate -> state (resumed from the
+newest complete checkpoint, else created) -> input pipeline (DreamBooth: missing class images sampled first)
+-> compile step -> loop (checkpoints every train.checkpoint_every steps, at the end, and at the step boundary
+after SIGTERM / a preemption notice) -> (VAE stage: the latent scaling factor).
 
 Both stages run this one loop; `train.stage` picks the stage's step, grids and evaluation (`STAGE_PARTS`).
 """
@@ -32,7 +32,9 @@ from sdjax import optim
 from sdjax import sample as sample_lib
 from sdjax import step as step_lib
 from sdjax import vae as vae_lib
+from sdjax.data import dreambooth as dreambooth_data
 from sdjax.metrics import MetricsWriter
+from sdjax.models import noise as noise_lib
 from sdjax.preemption import StopRequest
 
 
@@ -99,6 +101,22 @@ def train_vae_stage(config: ml_collections.ConfigDict, workdir: str) -> TrainRes
     return result
 
 
+def generate_class_images(models, config: ml_collections.ConfigDict, mesh, state: step_lib.TrainState) -> None:
+    """DreamBooth prior preservation: the missing class images, sampled from the state's (base) weights."""
+    missing = dreambooth_data.missing_class_images(config)
+    sampler = sample_lib.Sampler(models, config, mesh, config.sample.scheduler, config.sample.steps)
+    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+    if jax.process_index() == 0:
+        tqdm.write(f"Sampling {missing} class images of {config.dreambooth.class_prompt!r} into "
+                   f"{config.dreambooth.class_data_dir}.")
+    # Every process samples (the sampler is one program over all devices); the first one writes the files.
+    paths = dreambooth_data.generate_class_images(
+        sampler, step_lib.inference_params(state, use_ema=False), config, batch_size=8 * data_parallel,
+        write=jax.process_index() == 0)
+    multihost_utils.sync_global_devices("dreambooth class images")
+    logging.info("wrote %d class images", len(paths))
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     # --- logging -------------------------------------------------------------------------------------
     os.makedirs(workdir, exist_ok=True)
@@ -106,6 +124,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     is_main = jax.process_index() == 0
 
     # --- models and validation (before anything compiles) --------------------------------------------
+    noise_lib.resolve_noise_schedule(config)  # a pretrained folder's own noise schedule
     config_lib.validate(config, jax.device_count(), jax.process_count())
     vae_result = train_vae_stage(config, workdir)
     if vae_result and vae_result.interrupted:
@@ -120,9 +139,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     # --- mesh -----------------------------------------------------------------------------------------
     mesh = mesh_lib.make_mesh(config)
     logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
-
-    # --- input pipeline -------------------------------------------------------------------------------
-    dataset = data_lib.make_train_dataset(config, models.tokenizer, jax.process_index(), jax.process_count())
 
     # --- model, optimizer, sharded state: resumed from the newest complete checkpoint, else created ----
     lr_schedule = optim.make_lr_schedule(config)
@@ -140,6 +156,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
         state, shardings = step_lib.create_train_state(models, config, tx, mesh, init_rng)
         if config.model.vae_from:
             state = vae_lib.with_trained_vae(state, models, config)
+
+    # --- input pipeline (after the state: DreamBooth samples missing class images from the base model) -----
+    if dreambooth_data.missing_class_images(config):
+        generate_class_images(models, config, mesh, state)
+    dataset = data_lib.make_train_dataset(config, models.tokenizer, jax.process_index(), jax.process_count())
 
     # --- update step ----------------------------------------------------------------------------------
     train_step = step_lib.jit_train_step(stage.make_train_step(models, config, tx, lr_schedule), shardings, mesh)

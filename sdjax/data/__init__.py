@@ -11,7 +11,7 @@ A batch follows this path:
   preprocess.py   resize + crop, flip, one caption of several, caption dropout, [-1, 1] pixels, token ids
   here            shuffle (per epoch), repeat, batch, host slice; grain threads or worker processes
 `buckets.py` replaces the shuffle/batch for aspect-ratio bucketing, `latent_cache.py` the image records by
-cached VAE latents.
+cached VAE latents, `dreambooth.py` the whole source (instance and class images).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import grain
 import ml_collections
 from absl import flags
 
-from sdjax.data import buckets, latent_cache
+from sdjax.data import buckets, dreambooth, latent_cache
 from sdjax.data.preprocess import caption_dropout, make_preprocess, random_flip, resize_and_crop, to_model_inputs
 from sdjax.data.records import CheckedSource, DataError, check_bad_fraction
 from sdjax.data.sources import SOURCES, has_eval_split, make_source, source_name
@@ -44,6 +44,8 @@ def make_records(config: ml_collections.ConfigDict, tokenizer):
 def make_train_dataset(config: ml_collections.ConfigDict, tokenizer, process_index: int = 0,
                        process_count: int = 1) -> grain.MapDataset:
     """An infinite MapDataset whose item `step` is this host's slice of global batch `step`."""
+    if config.dreambooth.instance_data_dir:
+        return dreambooth.make_dataset(config, tokenizer, process_index, process_count)
     records, preprocess = make_records(config, tokenizer)
     if config.data.aspect_buckets:
         return buckets.make_bucketed_dataset(records, preprocess, config, process_index, process_count)

@@ -11,6 +11,7 @@ exactly fails the export rather than writing weights that PyTorch would load int
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import re
 
 import numpy as np
@@ -80,3 +81,42 @@ def flax_to_pytorch_state(flat_params: dict, library: str, where: str) -> dict[s
         _check_inverse(pytorch_key, array.shape, flax_key, flax_shapes, library, where)
         state[pytorch_key] = np.ascontiguousarray(array, dtype=np.float32)
     return state
+
+
+# --- LoRA adapters -> diffusers' LoRA file -----------------------------------------------------------
+
+# component -> (library whose names it takes, key prefix in the LoRA file) as `load_lora_weights` reads it.
+_LORA_COMPONENTS = {"unet": ("diffusers", "unet"), "text_encoder": ("transformers", "text_encoder")}
+
+
+def lora_to_pytorch_state(adapters: dict, base_shapes: dict, rank: int, alpha: float) -> tuple[dict, dict]:
+    """(state dict, safetensors metadata) of `pytorch_lora_weights.safetensors` for diffusers'
+    `StableDiffusionPipeline.load_lora_weights`.
+
+    Keys are PEFT's: `unet.<module>.lora_A.weight` [r, in] and `.lora_B.weight` [out, r] (PyTorch Linear
+    layout: our Flax A [in, r] and B [r, out] transposed), `text_encoder.<module>...` likewise. The metadata
+    holds each component's PEFT LoraConfig (r, lora_alpha, the exact target modules) under diffusers'
+    `lora_adapter_metadata` key: without it diffusers would assume alpha = r and scale the adapters wrongly
+    whenever lora.alpha != lora.rank. `base_shapes`: the base components' params (or shapes), to check that
+    every module name maps back to the adapted kernel."""
+    from flax.traverse_util import flatten_dict
+
+    state, config = {}, {}
+    for component, tree in adapters.items():
+        library, prefix = _LORA_COMPONENTS[component]
+        flat = flatten_dict(tree)
+        flax_shapes = {k: np.broadcast_to(np.zeros((), np.float32), v.shape)
+                       for k, v in flatten_dict(base_shapes[component]).items()}
+        modules = []
+        for path in sorted({key[:-1] for key in flat}):
+            kernel_key = path + ("kernel",)
+            weight_name, weight = pytorch_name_and_layout(kernel_key, flax_shapes[kernel_key], library)
+            _check_inverse(weight_name, weight.shape, kernel_key, flax_shapes, library, f"LoRA {component}")
+            module = weight_name.removesuffix(".weight")
+            modules.append(module)
+            for name, array in (("lora_A", flat[path + ("lora_A",)]), ("lora_B", flat[path + ("lora_B",)])):
+                state[f"{prefix}.{module}.{name}.weight"] = np.ascontiguousarray(np.asarray(array).T, np.float32)
+        config.update({f"{prefix}.r": rank, f"{prefix}.lora_alpha": alpha, f"{prefix}.target_modules": modules,
+                       f"{prefix}.rank_pattern": {}, f"{prefix}.alpha_pattern": {}})
+    metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(config, indent=2, sort_keys=True)}
+    return state, metadata
