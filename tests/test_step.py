@@ -10,23 +10,7 @@ from sdjax import mesh as mesh_lib
 from sdjax import models as models_lib
 from sdjax import optim
 from sdjax import step as step_lib
-
-
-def _run_steps(config, devices, num_steps=2):
-    """Params, losses after `num_steps` on the first batches of the demo data, on a mesh over `devices`."""
-    models = models_lib.build_models(config)
-    mesh = mesh_lib.make_mesh(config, devices)
-    tx = optim.make_optimizer(config)
-    state, shardings = step_lib.create_train_state(models, config, tx, mesh, jax.random.key(0))
-    step = step_lib.jit_train_step(
-        step_lib.make_train_step(models, config, tx, optim.make_lr_schedule(config)), shardings, mesh)
-    dataset = data_lib.make_train_dataset(config, models.tokenizer)
-    losses = []
-    for i in range(num_steps):
-        batch = jax.device_put(dataset[i], mesh_lib.batch_sharding(mesh))
-        state, metrics = step(state, batch, jax.random.key(1))
-        losses.append((float(metrics["loss"]), float(metrics["grad_norm"])))
-    return state, losses
+from tiny import params_tolerance, run_train_steps
 
 
 @pytest.fixture(scope="module")
@@ -34,20 +18,20 @@ def single_device_run():
     from tiny import tiny_config
     config = tiny_config()
     config.mesh.data, config.mesh.fsdp = 1, 1
-    return _run_steps(config, jax.devices()[:1])
+    return run_train_steps(config, jax.devices()[:1])
 
 
 # Tolerance: the sharded step sums gradients in another order (per-device partial sums, then an
-# all-reduce), so float32 losses and gradient norms agree to 1e-5 relative, not bitwise. Params get a looser
-# absolute 1e-4 (a fifth of the 5e-4 learning rate of step 1): Adam divides by sqrt(v), so for the biases
-# right before a GroupNorm, whose exact gradient is 0, rounding noise becomes an update of up to lr.
+# all-reduce), so float32 losses and gradient norms agree to 1e-5 relative, not bitwise; params to
+# tiny.params_tolerance (a fifth of the step-1 learning rate: Adam's g / sqrt(v) of rounding noise).
 @pytest.mark.parametrize("data,fsdp", [(8, 1), (4, 2)])
 def test_sharded_step_matches_single_device(single_device_run, tiny_config, data, fsdp):
     tiny_config.mesh.data, tiny_config.mesh.fsdp = data, fsdp
-    state, losses = _run_steps(tiny_config, jax.devices())
+    state, losses = run_train_steps(tiny_config)
     ref_state, ref_losses = single_device_run
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-4),
+    atol = params_tolerance(tiny_config)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=atol),
                  state.params, ref_state.params)
     if fsdp > 1:
         specs = [leaf.sharding.spec for leaf in jax.tree.leaves(state.params)]

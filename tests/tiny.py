@@ -42,3 +42,36 @@ def tiny_vae_config():
     c.optimizer.update(learning_rate=2e-3, warmup_steps=0)
     c.vae_train.update(kl_weight=1e-5, scaling_examples=12, grid_images=4)
     return c
+
+
+def run_train_steps(config, devices=None, num_steps: int = 2):
+    """State and (loss, grad_norm) of `num_steps` steps on the first batches of the demo data, with the step
+    compiled over a mesh of `devices` (default: all) as `sdjax train` compiles it."""
+    import jax
+
+    from sdjax import data as data_lib
+    from sdjax import mesh as mesh_lib
+    from sdjax import models as models_lib
+    from sdjax import optim
+    from sdjax import step as step_lib
+
+    models = models_lib.build_models(config)
+    mesh = mesh_lib.make_mesh(config, devices)
+    tx = optim.make_optimizer(config)
+    state, shardings = step_lib.create_train_state(models, config, tx, mesh, jax.random.key(0))
+    step = step_lib.jit_train_step(
+        step_lib.make_train_step(models, config, tx, optim.make_lr_schedule(config)), shardings, mesh)
+    dataset = data_lib.make_train_dataset(config, models.tokenizer)
+    losses = []
+    for i in range(num_steps):
+        state, metrics = step(state, jax.device_put(dataset[i], mesh_lib.batch_sharding(mesh)), jax.random.key(1))
+        losses.append((float(metrics["loss"]), float(metrics["grad_norm"])))
+    return state, losses
+
+
+def params_tolerance(config) -> float:
+    """Absolute tolerance for params after steps that sum the same float32 gradients in another order (other
+    sharding): a fifth of the learning rate of step 1. Adam divides by sqrt(v), so for the biases right before
+    a GroupNorm, whose exact gradient is 0, rounding noise becomes an update of up to lr."""
+    from sdjax import optim
+    return 0.2 * float(optim.make_lr_schedule(config)(1))
