@@ -19,6 +19,7 @@ def tiny_config():
     c = load_config_file("demo")
     c.model.vae_config = ""  # no VAE stage: the tests' UNet runs on a random VAE (tests/test_vae.py trains one)
     c.data.source = "demo"
+    c.data.demo_held_out = ()  # every caption: the batches the tests' tolerances were measured on
     c.data.resolution = 16
     c.data.demo_num_examples = 64
     c.data.num_threads = 1
@@ -28,6 +29,8 @@ def tiny_config():
     c.train.precision = "fp32"
     c.train.compilation_cache_dir = ""
     c.optimizer.warmup_steps = 2
+    c.optimizer.learning_rate = 1e-3  # the tests' tolerances are in units of it (the demo trains at 2e-3)
+    c.optimizer.end_learning_rate = 1e-4
     c.mesh.fsdp_min_size = 256
     return c
 
