@@ -10,14 +10,14 @@
 - `dot_product`: `jax.nn.dot_product_attention`, which on GPU runs cuDNN's fused flash attention where cuDNN
   takes the shapes (bf16/fp16, head dim a multiple of 8 up to 128, even sequence lengths for training: the
   UNet's self-attention; cross-attention over 77 caption tokens is not, and runs XLA's kernel) and elsewhere
-  XLA's attention with the softmax in float32. Same parameters and same function as `default`: only the
-  kernel changes.
+  XLA's kernel. Same parameters and same function as `default`: only the kernel changes.
 - `per_head`: one (batch, head) at a time (`lax.map`), its scores recomputed in the backward pass
   (`jax.checkpoint`). Written for XLA:CPU, where it is measurably better: the whole-batch scores of
   diffusers' attention ((batch*heads, queries, keys) floats, 268 MB at 32x32 latents, batch 8, 8 heads) do
-  not stay in cache and cost layout copies, while one head's (4 MB) does. At that size, forward + backward of
-  one attention layer took 569 ms as written and 223 ms per head on a 2-core CPU (`jax.nn.dot_product_attention`'s
-  XLA kernel: 1306 ms); see docs/benchmarks.md. On accelerators a sequential loop over heads is slow.
+  not stay in cache and cost layout copies, while one head's (4 MB) does. At that size, forward + backward
+  of one attention layer took 569 ms as written and 223 ms per head on a 2-core CPU (XLA's kernel behind
+  `jax.nn.dot_product_attention`: 1306 ms); see docs/benchmarks.md. On accelerators a sequential loop over
+  heads is slow.
 
 diffusers' `FlaxAttention` has no switch for other kernels, so a Flax method interceptor replaces its
 `__call__` with one that runs the module's own projections (`to_q`, `to_k`, `to_v`, `to_out_0`) around the
