@@ -3,6 +3,11 @@
 # carried as wheels in .whl/ (diffusers 0.39 and transformers 4.57 still have Flax; the machine's own
 # transformers does not), keeps the machine's jax/jaxlib/CUDA plugin and torch, then runs
 # benchmarks/gpu_train_step.py. Results and logs go to $OUT (or ./gpu_out).
+# The wheels (Python 3.12, the machine's), fetched here beforehand, with .whl/ ignored by git:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_17_x86_64 -d .whl diffusers==0.39.0 transformers==4.57.6 huggingface_hub==0.36.2 \
+#     tokenizers==0.22.2 ml_collections==1.1.0 importlib_metadata
+#   pip download ... -d .whl/extra flax==0.12.8 optax==0.2.8   # only used if the machine's flax cannot load them
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1

@@ -92,7 +92,8 @@ def main() -> None:
     parser.add_argument("--config", default=os.path.join(ROOT, "configs", "sd15.py"))
     parser.add_argument("--batch", type=int, default=8, help="global batch (one GPU)")
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--timeout", type=int, default=300, help="seconds per variant")
+    # An SD 1.5 step took over 230 s to its first step on an H200 (init + compile): leave room.
+    parser.add_argument("--timeout", type=int, default=480, help="seconds per variant")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--json-out", help="also write the raw results here (rewritten after each variant)")
     parser.add_argument("--log-dir", help="write each variant's stderr to LOG_DIR/VARIANT.log")
