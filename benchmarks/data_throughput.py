@@ -22,6 +22,8 @@ import time
 import numpy as np
 from PIL import Image
 
+from sdjax import config as config_lib
+
 WORDS = ("a photo of the old red house on hill with trees and blue sky at sunset woman man dog cat walking "
          "street city night painting portrait landscape mountain lake beautiful vintage modern art style by "
          "artist detailed high quality 4k wallpaper black white minimalist colorful abstract").split()
@@ -121,14 +123,6 @@ def step_rate(config) -> float:
     return steps * batch_size / (time.perf_counter() - start)
 
 
-def load_config(path: str):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("benchmark_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py"))
@@ -143,7 +137,7 @@ def main() -> None:
 
     from sdjax.models.tokenizer import builtin_tokenizer
 
-    config = load_config(args.config)
+    config = config_lib.load_config_file(args.config)
     step_resolution = config.data.resolution
     tokenizer = CLIPTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else builtin_tokenizer(77)
     print("| resolution | stage | images/s | per core |\n|---|---|---|---|")
@@ -157,7 +151,7 @@ def main() -> None:
                 print(f"| {resolution} | {label} | {value:.1f} | {value / cores:.1f} |", flush=True)
     if not args.skip_step:
         import jax
-        config = load_config(args.config)
+        config = config_lib.load_config_file(args.config)
         config.train.batch_size = args.batch_size
         config.train.precision = "bf16" if jax.default_backend() != "cpu" else "fp32"
         config.mesh.data, config.mesh.fsdp = -1, 1

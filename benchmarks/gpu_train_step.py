@@ -24,7 +24,6 @@ the framework's live buffers, not its pool).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -32,16 +31,13 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import step_runners  # noqa: E402
-from sdjax.config import ATTENTIONS  # noqa: E402
+from sdjax.config import ATTENTIONS, load_config_file  # noqa: E402
 
 VARIANTS = ("sdjax-auto", "torch-eager", "sdjax-default", "torch-compile")  # the default run, in this order
 
 
 def load_config(path: str, batch: int, attention: str):
-    spec = importlib.util.spec_from_file_location("benchmark_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load_config_file(path)
     config.train.batch_size = batch
     config.train.precision = "bf16"
     config.model.attention = attention

@@ -21,6 +21,7 @@ for arg in sys.argv:
                                    f" --xla_force_host_platform_device_count={arg.split(':')[1]}")
 
 from sdjax import plan as plan_lib  # noqa: E402
+from sdjax import config as config_lib  # noqa: E402
 from sdjax.config import ConfigError  # noqa: E402
 
 MiB = 2**20
@@ -41,14 +42,6 @@ SETTINGS = [
 ]
 
 
-def load_config(path: str):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("memory_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 def with_overrides(config, overrides: dict):
     config = config.copy_and_resolve_references()
     for key, value in overrides.items():
@@ -66,7 +59,7 @@ def main() -> int:
     parser.add_argument("--cache_dir", default="", help="reuse `sdjax plan` compile results from here")
     parser.add_argument("--only", default="", help="row labels to run, separated by ; (default: all)")
     args = parser.parse_args()
-    base = load_config(args.config)
+    base = config_lib.load_config_file(args.config)
     base.model.attention = "default"  # the rows' attention unless they set it: diffusers' as written
     if args.batch_size:
         base.train.batch_size = args.batch_size

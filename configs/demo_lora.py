@@ -14,21 +14,13 @@ base, the base pipeline itself:
     pipe = StableDiffusionPipeline.from_pretrained(OUT); pipe.load_lora_weights(OUT)
 """
 
-import importlib.util
 import os
 
-
-def _demo_config():
-    """configs/demo.py's config (config files are loaded by path, not imported as a package)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
-    spec = importlib.util.spec_from_file_location("sdjax_configs_demo", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from sdjax.config import load_config_file
 
 
 def get_config():
-    c = _demo_config()
+    c = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py"))
     c.lora.rank = 4
     c.lora.alpha = 8.0  # scale alpha / rank = 2
     c.lora.unet_target_modules = ("to_q", "to_k", "to_v", "to_out.0")

@@ -7,20 +7,14 @@ captioned shapes, so that the UNet stage (configs/demo.py) learns on latents tha
         --workdir workdirs/demo
 """
 
-import importlib.util
 import os
 
-
-def _demo_config():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
-    spec = importlib.util.spec_from_file_location("configs_demo", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from sdjax.config import load_config_file
 
 
 def get_config():
-    c = _demo_config()  # the same data, model.vae and precision as the UNet stage
+    # the same data, model.vae and precision as the UNet stage
+    c = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py"))
     c.train.stage = "vae"
     c.model.vae_config = ""
 

@@ -14,20 +14,13 @@ full (diffusers' train_dreambooth.py recipe: constant LR 5e-6, 400 steps x 4 ins
 `--config.train.train_text_encoder=True` to fine-tune the text encoder too.
 """
 
-import importlib.util
 import os
 
-
-def _sd15_config():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sd15.py")
-    spec = importlib.util.spec_from_file_location("sdjax_configs_sd15", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from sdjax.config import load_config_file
 
 
 def get_config():
-    c = _sd15_config()
+    c = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "sd15.py"))
     c.dreambooth.instance_prompt = "a photo of sks dog"
     c.dreambooth.with_prior_preservation = True
     c.dreambooth.class_prompt = "a photo of dog"

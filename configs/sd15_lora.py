@@ -8,20 +8,13 @@ Rank-4 adapters on the UNet's attention projections are the only trained params 
 "v_proj", "out_proj")'` to adapt the text encoder too. `sdjax export` writes pytorch_lora_weights.safetensors.
 """
 
-import importlib.util
 import os
 
-
-def _sd15_config():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sd15.py")
-    spec = importlib.util.spec_from_file_location("sdjax_configs_sd15", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from sdjax.config import load_config_file
 
 
 def get_config():
-    c = _sd15_config()
+    c = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "sd15.py"))
     c.data.source = "auto"  # data.path: an image folder (imagefolder) or .tar shards (webdataset)
     c.lora.update(rank=4, alpha=4.0)
     c.train.frozen_precision = "bf16"

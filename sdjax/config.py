@@ -7,6 +7,8 @@ key, the value and what is allowed.
 
 from __future__ import annotations
 
+import importlib.util
+
 import ml_collections
 
 PRECISIONS = ("bf16", "fp32")
@@ -463,3 +465,11 @@ def validate_against_models(config: ml_collections.ConfigDict, models) -> None:
         if channels % 32:
             raise ConfigError("model.unet.block_out_channels", tuple(unet.block_out_channels),
                               "diffusers' Flax UNet uses GroupNorm(32): every entry must be a multiple of 32")
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+    """`get_config()` of a config file (configs/*.py), loaded by path as `--config FILE` loads it."""
+    spec = importlib.util.spec_from_file_location("sdjax_config_file", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()

@@ -21,7 +21,6 @@ checkpoints are complete without it), `with_trained_vae` puts its weights into a
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import os
 
@@ -35,6 +34,7 @@ from sdjax import data as data_lib
 from sdjax import mesh as mesh_lib
 from sdjax import models as models_lib
 from sdjax import step as step_lib
+from sdjax import config as config_lib
 from sdjax.config import ConfigError
 from sdjax.data.records import CheckedSource
 
@@ -228,18 +228,10 @@ def find_config_file(path: str) -> str:
     raise ConfigError("model.vae_config", path, "expected a config file (e.g. configs/demo_vae.py)")
 
 
-def load_config_file(path: str) -> ml_collections.ConfigDict:
-    """`get_config()` of a config file, as `--config FILE` loads it."""
-    spec = importlib.util.spec_from_file_location("sdjax_vae_config", find_config_file(path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 def vae_stage_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The VAE stage's config for a UNet run with `model.vae_config`: that file's, on the UNet run's data
     (`config.data`, so `--config.data.path=DIR` points both stages at DIR)."""
-    vae_config = load_config_file(config.model.vae_config)
+    vae_config = config_lib.load_config_file(find_config_file(config.model.vae_config))
     vae_config.train.stage = "vae"
     vae_config.data = ml_collections.ConfigDict(config.data.to_dict())
     if vae_config.train.eval_every and not data_lib.has_eval_split(vae_config):

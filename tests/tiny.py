@@ -2,17 +2,14 @@
 
 import os
 
-from ml_collections import config_flags  # noqa: F401  (config files are plain modules too)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config_file(name: str):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(f"configs_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    """configs/NAME.py's config."""
+    from sdjax import config as config_lib
+    return config_lib.load_config_file(os.path.join(ROOT, "configs", f"{name}.py"))
 
 
 def tiny_config():
