@@ -32,19 +32,76 @@ GiB = 2**30
 
 @dataclasses.dataclass(frozen=True)
 class ChipSpec:
-    """Published per-chip figures (Google Cloud TPU docs): HBM, peak bf16 FLOP/s, HBM bandwidth."""
+    """Published per-chip figures (Google Cloud TPU docs, NVIDIA datasheets: dense, no sparsity): HBM, peak
+    bf16 FLOP/s, HBM bandwidth; and the `device.device_kind` prefixes JAX reports for the chip."""
     hbm_bytes: float
     peak_bf16_flops: float
     hbm_bytes_per_s: float
+    device_kinds: tuple[str, ...] = ()
+    platform: str = "tpu"
 
 
+GB = 1e9
 CHIPS = {
-    "v4": ChipSpec(hbm_bytes=32 * GiB, peak_bf16_flops=275e12, hbm_bytes_per_s=1228e9),
-    "v5e": ChipSpec(hbm_bytes=16 * GiB, peak_bf16_flops=197e12, hbm_bytes_per_s=819e9),
-    "v5p": ChipSpec(hbm_bytes=95 * GiB, peak_bf16_flops=459e12, hbm_bytes_per_s=2765e9),
-    "v6e": ChipSpec(hbm_bytes=32 * GiB, peak_bf16_flops=918e12, hbm_bytes_per_s=1640e9),
+    "v4": ChipSpec(32 * GiB, 275e12, 1228e9, ("TPU v4",)),
+    "v5e": ChipSpec(16 * GiB, 197e12, 819e9, ("TPU v5 lite", "TPU v5e")),
+    "v5p": ChipSpec(95 * GiB, 459e12, 2765e9, ("TPU v5p", "TPU v5")),
+    "v6e": ChipSpec(32 * GiB, 918e12, 1640e9, ("TPU v6 lite", "TPU v6e")),
+    # GPUs, for `--topology local` and the trainer's roofline report (SXM parts)
+    "a100": ChipSpec(80 * GB, 312e12, 2039e9, ("NVIDIA A100",), "gpu"),
+    "h100": ChipSpec(80 * GB, 989e12, 3350e9, ("NVIDIA H100",), "gpu"),
+    "h200": ChipSpec(141 * GB, 989e12, 4800e9, ("NVIDIA H200",), "gpu"),
 }
 
+
+def local_device_spec(device) -> ChipSpec | None:
+    """The published figures of a present device, from its `device_kind` (None for CPUs and unknown chips);
+    its HBM is what the runtime reports as usable when it says."""
+    for spec in CHIPS.values():
+        if any(device.device_kind.startswith(kind) for kind in spec.device_kinds):
+            stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+            if stats and stats.get("bytes_limit"):
+                return dataclasses.replace(spec, hbm_bytes=float(stats["bytes_limit"]))
+            return spec
+    return None
+
+
+def executable_cost(compiled) -> tuple[float | None, float | None]:
+    """(FLOPs, bytes accessed) per device of a compiled executable, from XLA's cost analysis."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if not cost:
+        return None, None
+    return float(cost.get("flops", 0.0)) or None, float(cost.get("bytes accessed", 0.0)) or None
+
+
+def roofline_step_s(flops: float, bytes_accessed: float | None, spec: ChipSpec) -> float:
+    """The step can be no faster than its FLOPs at peak compute or its bytes at peak HBM bandwidth."""
+    return max(flops / spec.peak_bf16_flops, (bytes_accessed or 0.0) / spec.hbm_bytes_per_s)
+
+
+def measured_against_roofline(step_time_s: float, flops: float | None, bytes_accessed: float | None,
+                              device) -> dict:
+    """What the trainer reports after a run: its measured steady-state step time beside the roofline of the
+    executable it ran, on this device's published figures (none for CPUs: no roofline, no fraction)."""
+    report = {"step_time_s": step_time_s, "flops_per_device": flops}
+    if flops:
+        report["achieved_tflops_per_device"] = flops / step_time_s / 1e12
+    spec = local_device_spec(device)
+    if spec and flops:
+        report["roofline_step_s"] = roofline_step_s(flops, bytes_accessed, spec)
+        report["roofline_fraction"] = report["roofline_step_s"] / step_time_s
+    return report
+
+
+def describe_speed(report: dict, device_kind: str) -> str:
+    text = f"Measured {report['step_time_s']:.3f} s/step"
+    if report.get("achieved_tflops_per_device") is not None:
+        text += f" ({report['achieved_tflops_per_device']:.3g} TFLOP/s per device)"
+    if "roofline_fraction" in report:
+        return text + (f"; the roofline on {device_kind} is {report['roofline_step_s']:.3f} s/step: "
+                       f"{100 * report['roofline_fraction']:.0f}% of it.")
+    return text + f"; no published peak figures for {device_kind!r}, so no roofline (sdjax/plan.py CHIPS)."
 
 @dataclasses.dataclass
 class Plan:
@@ -69,7 +126,7 @@ class Plan:
 
 def _chip_name(topology: str) -> str | None:
     generation = topology.split(":")[0].lower()
-    return generation if generation in CHIPS else None
+    return generation if generation in CHIPS and CHIPS[generation].platform == "tpu" else None
 
 
 def target_devices(topology: str) -> list:
@@ -84,7 +141,8 @@ def target_devices(topology: str) -> list:
                              f"--xla_force_host_platform_device_count={count} before starting.")
         return devices[:count]
     if _chip_name(topology) is None:
-        raise ValueError(f"--topology {topology!r}: expected one of {sorted(CHIPS)} as 'v5e:2x2', or 'cpu:N', "
+        tpus = sorted(name for name, spec in CHIPS.items() if spec.platform == "tpu")
+        raise ValueError(f"--topology {topology!r}: expected one of {tpus} as 'v5e:2x2', or 'cpu:N', "
                          "or 'local'.")
     # libtpu is used here as a compiler only: let it coexist with other processes that load it, and keep
     # its complaints about the missing TPU hardware off the console.
@@ -101,6 +159,8 @@ def target_devices(topology: str) -> list:
 
 def _device_spec(topology: str, devices: list) -> ChipSpec | None:
     """Per-device figures: the chip's, divided among its cores when each core is its own device."""
+    if topology == "local":
+        return local_device_spec(devices[0])
     chip = _chip_name(topology)
     if chip is None:
         return None
@@ -181,13 +241,9 @@ def plan_step(config: ml_collections.ConfigDict, topology: str, cache_dir: str |
     plan.total_bytes = plan.argument_bytes + plan.output_bytes - plan.alias_bytes + plan.temp_bytes
     plan.fits = plan.capacity_bytes is None or plan.total_bytes <= plan.capacity_bytes
 
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    plan.flops_per_device = float(cost.get("flops", 0.0)) if cost else None
-    plan.bytes_accessed_per_device = float(cost.get("bytes accessed", 0.0)) if cost else None
+    plan.flops_per_device, plan.bytes_accessed_per_device = executable_cost(compiled)
     if spec and plan.flops_per_device:
-        plan.roofline_step_s = max(plan.flops_per_device / spec.peak_bf16_flops,
-                                   (plan.bytes_accessed_per_device or 0.0) / spec.hbm_bytes_per_s)
+        plan.roofline_step_s = roofline_step_s(plan.flops_per_device, plan.bytes_accessed_per_device, spec)
         plan.images_per_s_per_device = plan.batch_per_device / plan.roofline_step_s
     _save(plan, cache_path)
     return plan

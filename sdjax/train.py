@@ -2,7 +2,9 @@
 logging -> (VAE stage first, with model.vae_config) -> mesh -> models -> validate -> state (resumed from the
 newest complete checkpoint, else created) -> input pipeline (DreamBooth: missing class images sampled first)
 -> compile step -> loop (checkpoints every train.checkpoint_every steps, at the end, and at the step boundary
-after SIGTERM / a preemption notice) -> (VAE stage: the latent scaling factor).
+after SIGTERM / a preemption notice) -> speed report (WORKDIR/speed.json: measured step time beside the
+roofline of the compiled step on this device, as `sdjax plan` estimates it) -> (VAE stage: the latent scaling
+factor).
 
 Both stages run this one loop; `train.stage` picks the stage's step, grids and evaluation (`STAGE_PARTS`).
 """
@@ -29,6 +31,7 @@ from sdjax import evaluation
 from sdjax import mesh as mesh_lib
 from sdjax import models as models_lib
 from sdjax import optim
+from sdjax import plan as plan_lib
 from sdjax import sample as sample_lib
 from sdjax import step as step_lib
 from sdjax import vae as vae_lib
@@ -77,6 +80,8 @@ class StageParts:
     make_grids: Callable
     make_evaluator: Callable
 
+
+SPEED_FILE = "speed.json"
 
 STAGE_PARTS = {
     "unet": StageParts(step_lib.make_train_step, sample_lib.TrainingSamples, evaluation.Evaluator),
@@ -183,6 +188,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
                     dynamic_ncols=True)
     last_metrics, interrupted = {}, False
     window_start, window_steps = None, 0
+    trained_s, trained_steps = 0.0, 0  # steady-state training time (logged windows), for the speed report
+    step_cost = (None, None)  # FLOPs and bytes accessed per device of the compiled step
     stop = StopRequest(enabled=jax.process_count() == 1).install()  # multi-process: JAX's preemption sync point
     try:
         for step in range(start_step + 1, total + 1):
@@ -193,6 +200,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
             window_steps += 1
             if window_start is None:  # the first step includes compilation: time from its end
                 jax.block_until_ready(metrics)
+                # the executable the first call compiled (jit caches it: no second compile)
+                step_cost = plan_lib.executable_cost(train_step.lower(state, batch, step_rng).compile())
                 window_start, window_steps = time.perf_counter(), 0
             progress.update(1)
             if step % config.train.log_every == 0 or step == total:
@@ -208,6 +217,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
                 writer.write(step, last_metrics)
                 progress.set_postfix(loss=f"{last_metrics['loss']:.4f}", img_s=f"{images_per_s:.1f}",
                                      skipped=skipped_total)
+                trained_s, trained_steps = trained_s + elapsed, trained_steps + window_steps
                 window_start, window_steps = time.perf_counter(), 0
                 if not np.isfinite(last_metrics["loss"]):
                     raise FloatingPointError(f"loss is {last_metrics['loss']} at step {step}; lower "
@@ -230,6 +240,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
                     progress.write(f"{stop.signal_name or 'Preemption notice'}: saved a checkpoint at step {step}; "
                                    "the same command resumes from it.")
                 break
+        if trained_steps:
+            speed = plan_lib.measured_against_roofline(trained_s / trained_steps, *step_cost, jax.devices()[0])
+            last_metrics = {**last_metrics, **speed}
+            if is_main:
+                with open(os.path.join(workdir, SPEED_FILE), "w") as f:
+                    json.dump({"step": int(state.step), "device_kind": jax.devices()[0].device_kind, **speed}, f)
+                progress.write(plan_lib.describe_speed(speed, jax.devices()[0].device_kind))
     except KeyboardInterrupt:
         interrupted = True
         if is_main:

@@ -130,6 +130,17 @@ def test_demo_source_gives_batches(tokenizer):
     _assert_batch(data_lib.make_train_dataset(_config("demo"), tokenizer)[0])
 
 
+def test_builtin_tokenizer_keeps_each_caption_word_whole_and_round_trips_other_text(tokenizer):
+    from sdjax.models.tokenizer import CAPTION_WORDS
+    split = {word: tokenizer.tokenize(word) for word in CAPTION_WORDS if len(tokenizer.tokenize(word)) != 1}
+    assert not split, f"caption words split into pieces: {split}"
+    # a demo caption: one token per word, so the colour words sit at the same positions in every caption
+    assert tokenizer.tokenize("a green triangle on a black background") == [
+        "a</w>", "green</w>", "triangle</w>", "on</w>", "a</w>", "black</w>", "background</w>"]
+    text = "zebras grazing near a lake"  # words the vocabulary lacks: byte pieces
+    assert tokenizer.decode(tokenize(tokenizer, text, 77), skip_special_tokens=True) == text
+
+
 # --- preprocessing ----------------------------------------------------------------------------------
 
 

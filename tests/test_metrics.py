@@ -1,6 +1,7 @@
 """A short training run with sampling, evaluation and EMA: what it writes under the workdir (metrics.jsonl,
 TensorBoard events, sample grids), the validation loss, and `sdjax sample --workdir` on the result."""
 
+import json
 import os
 
 import jax
@@ -76,6 +77,18 @@ def test_metrics_jsonl_keeps_one_record_per_logged_step_and_adds_evaluations(tra
     evals = [r for r in records if "eval_loss" in r]
     assert [r["step"] for r in evals] == [2, 4]
     assert all(np.isfinite(r["eval_loss"]) and np.isfinite(r["eval_loss_ema"]) for r in evals)
+
+
+def test_speed_report_gives_the_steady_step_time_and_the_compiled_steps_flops(trained):
+    _, workdir, result = trained
+    with open(os.path.join(workdir, "speed.json")) as f:
+        speed = json.load(f)
+    assert speed["step"] == 4 and speed["device_kind"] == jax.devices()[0].device_kind
+    # steps 2-4 (the first compiles); the evaluations and sample grids in between are not counted
+    assert 0 < speed["step_time_s"] < 60
+    assert speed["flops_per_device"] > 1e6 and speed["achieved_tflops_per_device"] > 0
+    assert "roofline_fraction" not in speed  # CPUs have no published peak: no roofline
+    assert result.last_metrics["step_time_s"] == speed["step_time_s"]
 
 
 @pytest.mark.slow

@@ -76,3 +76,35 @@ def test_real_configs_have_published_parameter_counts(name, expected):
     shapes = models_lib.param_shapes(models_lib.build_models(config), config)
     counts = {k: sum(x.size for x in jax.tree.leaves(v)) for k, v in shapes.items()}
     assert counts == expected
+
+
+class _FakeDevice:
+    def __init__(self, device_kind, bytes_limit=None):
+        self.device_kind, self._bytes_limit = device_kind, bytes_limit
+
+    def memory_stats(self):
+        return {"bytes_limit": self._bytes_limit} if self._bytes_limit else None
+
+
+def test_local_devices_are_recognised_by_kind_with_the_runtime_hbm_when_reported():
+    assert plan_lib.local_device_spec(_FakeDevice("TPU v5 lite")) == plan_lib.CHIPS["v5e"]
+    assert plan_lib.local_device_spec(_FakeDevice("TPU v4")) == plan_lib.CHIPS["v4"]
+    h100 = plan_lib.local_device_spec(_FakeDevice("NVIDIA H100 80GB HBM3", bytes_limit=79 * 2**30))
+    assert h100.peak_bf16_flops == plan_lib.CHIPS["h100"].peak_bf16_flops and h100.hbm_bytes == 79 * 2**30
+    assert plan_lib.local_device_spec(_FakeDevice("cpu")) is None
+    with pytest.raises(ValueError, match="expected one of"):  # GPUs are local devices, not TPU topologies
+        plan_lib.target_devices("h100:2x2")
+
+
+def test_measured_step_is_reported_against_the_roofline_of_the_device():
+    v5e = plan_lib.CHIPS["v5e"]
+    flops, bytes_accessed = 1e13, 1e9  # compute-bound on a v5e: 1e13 / 197e12 = 0.0508 s
+    report = plan_lib.measured_against_roofline(0.1, flops, bytes_accessed, _FakeDevice("TPU v5 lite"))
+    assert report["roofline_step_s"] == pytest.approx(flops / v5e.peak_bf16_flops)
+    assert report["roofline_fraction"] == pytest.approx(flops / v5e.peak_bf16_flops / 0.1)
+    assert report["achieved_tflops_per_device"] == pytest.approx(100.0)
+    assert "51% of it" in plan_lib.describe_speed(report, "TPU v5 lite")
+    memory_bound = plan_lib.measured_against_roofline(0.1, 1e12, 1e11, _FakeDevice("TPU v5 lite"))
+    assert memory_bound["roofline_step_s"] == pytest.approx(1e11 / v5e.hbm_bytes_per_s)
+    on_cpu = plan_lib.measured_against_roofline(0.1, flops, bytes_accessed, _FakeDevice("cpu"))
+    assert "roofline_fraction" not in on_cpu and "no roofline" in plan_lib.describe_speed(on_cpu, "cpu")

@@ -24,27 +24,39 @@ CAPTION_WORDS = (
 ).split()
 
 
-def _merges_for_word(word: str) -> list[tuple[str, str]]:
-    """Left-to-right merges that build `word</w>` from its characters."""
+def _apply_merges(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding of `word` (characters, last one with `</w>`): merge the lowest-ranked adjacent pair
+    until none has a rank, as CLIPTokenizer.bpe does."""
     symbols = list(word[:-1]) + [word[-1] + "</w>"]
-    merges, current = [], symbols[0]
-    for symbol in symbols[1:]:
-        merges.append((current, symbol))
-        current += symbol
-    return merges
+    while len(symbols) > 1:
+        pairs = [(ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(symbols, symbols[1:]))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        symbols[i:i + 2] = [symbols[i] + symbols[i + 1]]
+    return symbols
+
+
+def caption_word_merges(words=CAPTION_WORDS) -> list[tuple[str, str]]:
+    """Merges, in rank order, under which each of `words` is one token. Each word's missing merges are ranked
+    after all earlier ones, so they never fire inside an earlier word (whose own merges always rank lower)
+    and the earlier words stay one token. (Building each word left to right on its own is not enough: "red"
+    ranks (r, e) first, and "green" then splits as g|re|e|n.)"""
+    ranks: dict[tuple[str, str], int] = {}
+    for word in words:
+        symbols = _apply_merges(word, ranks)
+        while len(symbols) > 1:
+            ranks[(symbols[0], symbols[1])] = len(ranks)
+            symbols = _apply_merges(word, ranks)
+    return list(ranks)
 
 
 @functools.lru_cache(maxsize=None)
 def builtin_tokenizer(max_length: int = 77) -> CLIPTokenizer:
     byte_symbols = list(bytes_to_unicode().values())
     vocab = byte_symbols + [s + "</w>" for s in byte_symbols]
-    merges: list[tuple[str, str]] = []
-    for word in CAPTION_WORDS:
-        for merge in _merges_for_word(word):
-            if merge not in merges:
-                merges.append(merge)
-                vocab.append("".join(merge))
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    merges = caption_word_merges()
+    vocab += ["".join(merge) for merge in merges] + ["<|startoftext|>", "<|endoftext|>"]
     with tempfile.TemporaryDirectory() as folder:
         vocab_file, merges_file = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
         with open(vocab_file, "w", encoding="utf-8") as f:
