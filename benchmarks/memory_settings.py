@@ -61,6 +61,7 @@ def main() -> int:
     args = parser.parse_args()
     base = config_lib.load_config_file(args.config)
     base.model.attention = "default"  # the rows' attention unless they set it: diffusers' as written
+    base.train.train_text_encoder = False  # UNet training, as the tables in docs/scaling.md were measured
     if args.batch_size:
         base.train.batch_size = args.batch_size
     if args.resolution:

@@ -26,6 +26,7 @@ def get_config():
     c.lora.unet_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
     c.lora.text_encoder_target_modules = ("q_proj", "k_proj", "v_proj", "out_proj")
     c.train.frozen_precision = "bf16"
+    c.train.train_text_encoder = False  # the demo trains the whole text encoder; LoRA trains its adapters only
     c.optimizer.learning_rate = 1e-3  # adapters start at B = 0: higher rates than full fine-tuning are usual
     c.train.steps = 300
     c.train.ema_decay = 0.0

@@ -89,6 +89,7 @@ class _FakeDevice:
 def test_local_devices_are_recognised_by_kind_with_the_runtime_hbm_when_reported():
     assert plan_lib.local_device_spec(_FakeDevice("TPU v5 lite")) == plan_lib.CHIPS["v5e"]
     assert plan_lib.local_device_spec(_FakeDevice("TPU v4")) == plan_lib.CHIPS["v4"]
+    assert plan_lib.local_device_spec(_FakeDevice("TPU v5")) == plan_lib.CHIPS["v5p"]  # what libtpu calls a v5p
     h100 = plan_lib.local_device_spec(_FakeDevice("NVIDIA H100 80GB HBM3", bytes_limit=79 * 2**30))
     assert h100.peak_bf16_flops == plan_lib.CHIPS["h100"].peak_bf16_flops and h100.hbm_bytes == 79 * 2**30
     assert plan_lib.local_device_spec(_FakeDevice("cpu")) is None

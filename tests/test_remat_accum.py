@@ -125,10 +125,20 @@ def test_attention_kernels_match_default(tiny_config, monkeypatch):
             models, p, latents, np.array([10, 900]), context))(params)
     for attention in kernels[1:]:
         np.testing.assert_allclose(outputs[attention], outputs["default"], rtol=0, atol=5e-4, err_msg=attention)
-    # On a CPU that is one JAX device, `auto` is `per_head`.
+    # On a CPU that is one JAX device, `auto` is `per_head` where the scores are big, else `default`'s layout.
     monkeypatch.setattr(attention_lib.jax, "local_device_count", lambda backend=None: 1)
-    np.testing.assert_array_equal(jax.jit(lambda p: models_lib.predict_noise(
-        models, p, latents, np.array([10, 900]), context))(params), outputs["per_head"])
+    for threshold, expected in ((0, "per_head"), (2**40, "default")):
+        monkeypatch.setattr(attention_lib, "PER_HEAD_MIN_SCORE_BYTES", threshold)
+        np.testing.assert_array_equal(jax.jit(lambda p: models_lib.predict_noise(
+            models, p, latents, np.array([10, 900]), context))(params), outputs[expected], err_msg=expected)
+
+
+def test_auto_loops_over_heads_only_for_scores_too_big_for_the_cache():
+    def qk(batch, tokens, heads, keys):
+        return np.zeros((batch, tokens, heads, 8), np.float32), np.zeros((batch, keys, heads, 8), np.float32)
+    assert attention_lib.scores_bytes(*qk(8, 1024, 8, 1024)) == 268_435_456  # benchmarks/train_step.py's
+    assert attention_lib.scores_bytes(*qk(8, 1024, 8, 1024)) >= attention_lib.PER_HEAD_MIN_SCORE_BYTES
+    assert attention_lib.scores_bytes(*qk(32, 64, 4, 77)) < attention_lib.PER_HEAD_MIN_SCORE_BYTES  # the demo's
 
 
 def test_dot_product_kernel_runs_in_every_attention_layer(tiny_config, monkeypatch):

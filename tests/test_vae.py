@@ -55,8 +55,8 @@ def two_stage_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("two_stage")
     config_file = root / "tiny_vae.py"
     config_file.write_text(VAE_CONFIG_FILE)
-    from tiny import tiny_config
-    config = tiny_config()
+    from tiny import tiny_config, with_demo_unet_training
+    config = with_demo_unet_training(tiny_config())  # the demo's v-prediction, Min-SNR, text encoder trained
     config.model.vae_config = str(config_file)
     config.train.steps = 2
     config.train.sample_every = config.train.eval_every = 0  # eval-demo samples from it below
@@ -75,6 +75,7 @@ def test_vae_stage_runs_first_and_the_unet_stage_takes_its_weights_and_scaling_f
     assert stats["step"] == 30 and stats["scaling_factor"] > 0
     saved = checkpoint_lib.load_inference_checkpoint(workdir)
     assert saved.config.model.vae_from == vae_dir
+    assert saved.config.diffusion.prediction_type == "v_prediction" and saved.config.train.train_text_encoder
     assert saved.config.model.vae.scaling_factor == stats["scaling_factor"]
     vae_run = checkpoint_lib.load_inference_checkpoint(vae_dir)
     jax.tree.map(np.testing.assert_array_equal, saved.params["vae"], vae_run.params["vae"])

@@ -29,7 +29,24 @@ def tiny_config():
     c.optimizer.learning_rate = 1e-3  # the tests' tolerances are in units of it (the demo trains at 2e-3)
     c.optimizer.end_learning_rate = 1e-4
     c.mesh.fsdp_min_size = 256
+    # The tolerances were measured on the plain epsilon loss with a frozen text encoder; the demo's v-prediction,
+    # Min-SNR and text-encoder training have tests of their own (and the two-stage run in test_vae.py).
+    c.diffusion.prediction_type = "epsilon"
+    c.loss.snr_gamma = 0.0
+    c.train.train_text_encoder = False
     return c
+
+
+DEMO_UNET_TRAINING = ("diffusion.prediction_type", "loss.snr_gamma", "train.train_text_encoder")
+
+
+def with_demo_unet_training(config):
+    """`config` with the demo's UNet-stage training settings (DEMO_UNET_TRAINING) again, in place."""
+    demo = load_config_file("demo")
+    for key in DEMO_UNET_TRAINING:
+        section, name = key.split(".")
+        config[section][name] = demo[section][name]
+    return config
 
 
 def tiny_vae_config():

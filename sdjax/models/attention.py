@@ -1,8 +1,9 @@
 """`model.attention`: which kernel the UNet's attention layers run.
 
 - `auto` (the default): the fastest measured on each platform: `dot_product` on GPU, `per_head` on a CPU
-  that is one JAX device, `default` elsewhere (TPU; several emulated CPU devices, where 8 devices' loops
-  over heads on 2 cores ran 3x slower than materialised scores). Chosen when the step is lowered for its
+  that is one JAX device when the layer's scores are too big for its caches (`PER_HEAD_MIN_SCORE_BYTES`),
+  `default` elsewhere (TPU; smaller scores; several emulated CPU devices, where 8 devices' loops over heads
+  on 2 cores ran 3x slower than materialised scores). Chosen when the step is lowered for its
   devices (`jax.lax.platform_dependent`), so `sdjax plan` on a CPU host gets the TPU choice for a TPU topology.
 - `default`: diffusers' Flax attention as written (scores materialised whole, softmax in the compute dtype).
 - `memory_efficient`: diffusers' chunked attention (`use_memory_efficient_attention`): the scores are never
@@ -86,11 +87,26 @@ def per_head_kernel(query, key, value, scale):
     return _heads_out_of_batch(attended, query.shape[0])
 
 
+# `auto` on a one-device CPU loops over heads only when the whole batch's float32 scores are at least this
+# big. Measured on the 2-core Xeon: 268 MB of scores (32x32 latents, batch 8, 8 heads; benchmarks/
+# train_step.py) made the step 1805 ms per head vs 2851 ms materialised; 2 MB (the demo's 8x8 latents, batch
+# 32, 4 heads) made the demo's UNet step 1.6x slower per head (93 vs 149 images/s): the loop costs more than
+# the cache misses it saves once the scores fit in cache.
+PER_HEAD_MIN_SCORE_BYTES = 8 * 2**20
+
+
+def scores_bytes(query, key) -> int:
+    """float32 bytes of the whole batch's attention scores: batch * heads * queries * keys * 4."""
+    batch, queries, heads, _ = query.shape
+    return 4 * batch * heads * queries * key.shape[1]
+
+
 def auto_kernel(query, key, value, scale):
     if jax.default_backend() == "gpu":
         return dot_product_kernel(query, key, value, scale)
     materialized = functools.partial(materialized_kernel, scale=scale)
-    on_cpu = functools.partial(per_head_kernel, scale=scale) if jax.local_device_count("cpu") == 1 else materialized
+    per_head = jax.local_device_count("cpu") == 1 and scores_bytes(query, key) >= PER_HEAD_MIN_SCORE_BYTES
+    on_cpu = functools.partial(per_head_kernel, scale=scale) if per_head else materialized
     return jax.lax.platform_dependent(query, key, value, cpu=on_cpu, default=materialized)
 
 
