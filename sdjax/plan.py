@@ -56,7 +56,8 @@ CHIPS = {
 
 def local_device_spec(device) -> ChipSpec | None:
     """The published figures of a present device, from its `device_kind` (None for CPUs and unknown chips);
-    its HBM is what the runtime reports as usable when it says."""
+    its HBM is what the runtime reports as usable when it says. CHIPS's order matters: "TPU v5 lite" (v5e)
+    is tried before "TPU v5" (v5p)."""
     for spec in CHIPS.values():
         if any(device.device_kind.startswith(kind) for kind in spec.device_kinds):
             stats = device.memory_stats() if hasattr(device, "memory_stats") else None
@@ -102,6 +103,7 @@ def describe_speed(report: dict, device_kind: str) -> str:
         return text + (f"; the roofline on {device_kind} is {report['roofline_step_s']:.3f} s/step: "
                        f"{100 * report['roofline_fraction']:.0f}% of it.")
     return text + f"; no published peak figures for {device_kind!r}, so no roofline (sdjax/plan.py CHIPS)."
+
 
 @dataclasses.dataclass
 class Plan:
