@@ -20,8 +20,8 @@ for arg in sys.argv:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={arg.split(':')[1]}")
 
-from sdjax import plan as plan_lib  # noqa: E402
 from sdjax import config as config_lib  # noqa: E402
+from sdjax import plan as plan_lib  # noqa: E402
 from sdjax.config import ConfigError  # noqa: E402
 
 MiB = 2**20

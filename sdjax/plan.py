@@ -85,7 +85,7 @@ def measured_against_roofline(step_time_s: float, flops: float | None, bytes_acc
                               device) -> dict:
     """What the trainer reports after a run: its measured steady-state step time beside the roofline of the
     executable it ran, on this device's published figures (none for CPUs: no roofline, no fraction)."""
-    report = {"step_time_s": step_time_s, "flops_per_device": flops}
+    report = {"device_kind": device.device_kind, "step_time_s": step_time_s, "flops_per_device": flops}
     if flops:
         report["achieved_tflops_per_device"] = flops / step_time_s / 1e12
     spec = local_device_spec(device)
@@ -95,7 +95,9 @@ def measured_against_roofline(step_time_s: float, flops: float | None, bytes_acc
     return report
 
 
-def describe_speed(report: dict, device_kind: str) -> str:
+def describe_speed(report: dict) -> str:
+    """The log line of a `measured_against_roofline` report."""
+    device_kind = report["device_kind"]
     text = f"Measured {report['step_time_s']:.3f} s/step"
     if report.get("achieved_tflops_per_device") is not None:
         text += f" ({report['achieved_tflops_per_device']:.3g} TFLOP/s per device)"

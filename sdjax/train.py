@@ -247,8 +247,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
             last_metrics = {**last_metrics, **speed}
             if is_main:
                 with open(os.path.join(workdir, SPEED_FILE), "w") as f:
-                    json.dump({"step": int(state.step), "device_kind": jax.devices()[0].device_kind, **speed}, f)
-                progress.write(plan_lib.describe_speed(speed, jax.devices()[0].device_kind))
+                    json.dump({"step": int(state.step), **speed}, f)
+                progress.write(plan_lib.describe_speed(speed))
     except KeyboardInterrupt:
         interrupted = True
         if is_main:
