@@ -71,10 +71,11 @@ def config_from_dict(values: dict) -> ml_collections.ConfigDict:
 def abstract_train_state(models, config: ml_collections.ConfigDict, tx, mesh) -> step_lib.TrainState:
     """ShapeDtypeStructs with the target shardings of the TrainState `create_train_state` would build.
 
-    Traced, not run: nothing is allocated, and a `model.pretrained` folder's weights are not read (the models,
-    already built from its configs, give the same shapes)."""
+    Traced, not run: nothing is allocated, and neither a `model.pretrained` folder's weights nor LPIPS's are
+    read (the models, already built from their configs, give the same shapes)."""
     from_scratch = copy.deepcopy(config)
     from_scratch.model.pretrained = ""
+    from_scratch.vae_train.perceptual_weights = ""
     shardings = {}
 
     def create(rng):

@@ -104,6 +104,8 @@ def _plan(argv: list[str]) -> int:
     flags.DEFINE_string("topology", "v5e:2x2", "A TPU topology ('v5e:2x2', 'v5p:2x2x1', 'v4:2x2x1', 'v6e:2x2'), "
                         "'cpu:N' or 'local'.", flag_values=fv)
     flags.DEFINE_boolean("max_batch", False, "Search the largest per-device batch that fits.", flag_values=fv)
+    flags.DEFINE_float("hbm_gib", None, "Plan against this many GiB per device instead of the chip's HBM (e.g. "
+                       "to keep headroom).", flag_values=fv)
     flags.DEFINE_string("cache_dir", "~/.cache/sdjax/plan", "Where compile results are cached ('' disables).",
                         flag_values=fv)
     flags.mark_flags_as_required(["config"], flag_values=fv)
@@ -113,15 +115,17 @@ def _plan(argv: list[str]) -> int:
     from sdjax.config import ConfigError
 
     cache_dir = fv.cache_dir and os.path.expanduser(fv.cache_dir)
+    capacity = fv.hbm_gib * plan_lib.GiB if fv.hbm_gib else None
     try:
         if fv.max_batch:
-            best, plans = plan_lib.max_batch_per_device(fv.config, fv.topology, cache_dir)
+            best, plans = plan_lib.max_batch_per_device(fv.config, fv.topology, cache_dir, capacity_bytes=capacity)
             plans = sorted(plans, key=lambda p: p.batch_per_device)
             print(plan_lib.format_table(plans))
             print(f"\nlargest batch that fits: {best} per device "
                   f"({best * plans[0].num_devices} global) on {fv.topology}")
         else:
-            print(plan_lib.format_table([plan_lib.plan_step(fv.config, fv.topology, cache_dir)]))
+            plan = plan_lib.plan_step(fv.config, fv.topology, cache_dir)
+            print(plan_lib.format_table([plan_lib.with_capacity(plan, capacity)]))
     except (ConfigError, ValueError) as e:
         sys.exit(f"sdjax plan: {e}")
     return 0

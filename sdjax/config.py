@@ -150,6 +150,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.vae_train.kl_weight = 1e-6  # KL(posterior || N(0, 1)), mean over latent elements
     c.vae_train.scaling_examples = 1024  # training examples whose latents set the scaling factor (1 / std)
     c.vae_train.grid_images = 8  # held-out images in the reconstruction grids (train.sample_every)
+    # Optional terms of the LDM autoencoder objective (0: off). LPIPS distance between image and
+    # reconstruction (sdjax/models/lpips.py; the LDM/SD VAEs use weight 1.0), with the VGG weights of a local
+    # lpips state dict file; and a patch-GAN (sdjax/models/discriminator.py; LDM: 0.5, from step 50001):
+    # the decoder minimises gan_weight * -logits(reconstruction), the discriminator a hinge loss.
+    c.vae_train.perceptual_weight = 0.0
+    c.vae_train.perceptual_weights = ""  # safetensors of lpips.LPIPS(net="vgg").state_dict()
+    c.vae_train.gan_weight = 0.0
+    c.vae_train.gan_start_step = 0  # adversarial terms (generator and discriminator) are off before this step
+    # LDM's adaptive weight: gan_weight x the ratio of the reconstruction and generator terms' gradient norms
+    # at the decoder's last layer (logged as gan_weight); False: gan_weight as it is.
+    c.vae_train.gan_adaptive_weight = True
+    c.vae_train.discriminator_channels = 64
+    c.vae_train.discriminator_layers = 3  # stride-2 convs: 3 judges 70x70 pixel patches
 
     c.sample = ml_collections.ConfigDict()  # the grids sampled during training (`sdjax sample` has flags)
     c.sample.prompts = ("a photograph of an astronaut riding a horse", "a watercolor painting of a lighthouse")
@@ -297,7 +310,7 @@ def _validate_sampling(config: ml_collections.ConfigDict) -> None:
 def _validate_vae(config: ml_collections.ConfigDict) -> None:
     """The VAE stage's objective, and where the UNet stage's VAE comes from."""
     model, vae = config.model, config.vae_train
-    for key in ("l1_weight", "l2_weight", "kl_weight"):
+    for key in ("l1_weight", "l2_weight", "kl_weight", "perceptual_weight", "gan_weight"):
         if vae[key] < 0:
             raise ConfigError(f"vae_train.{key}", vae[key], "expected a weight >= 0")
     if config.train.stage == "vae":
@@ -314,6 +327,7 @@ def _validate_vae(config: ml_collections.ConfigDict) -> None:
                                                               "from scratch: expected ''")
         if config.data.latent_cache:
             raise ConfigError("data.latent_cache", config.data.latent_cache, "the VAE stage trains on images")
+        _validate_vae_loss_networks(config)
     if (model.vae_from or model.vae_config) and model.pretrained:
         key = "vae_from" if model.vae_from else "vae_config"
         raise ConfigError(f"model.{key}", model[key], "model.pretrained brings its own VAE: set one of the two")
@@ -327,6 +341,31 @@ def _validate_vae(config: ml_collections.ConfigDict) -> None:
                 scene_from_caption(caption)
             except ValueError as e:
                 raise ConfigError("data.demo_held_out", config.data.demo_held_out, str(e)) from None
+
+
+def _validate_vae_loss_networks(config: ml_collections.ConfigDict) -> None:
+    """The optional perceptual and patch-GAN terms of the VAE stage: their weights file and sizes."""
+    vae = config.vae_train
+    if vae.perceptual_weight > 0:
+        if not vae.perceptual_weights:
+            raise ConfigError("vae_train.perceptual_weights", vae.perceptual_weights,
+                              "vae_train.perceptual_weight > 0 needs LPIPS's VGG weights: a local safetensors file "
+                              "of lpips.LPIPS(net='vgg').state_dict() (how to make it: sdjax/models/lpips.py)")
+        from sdjax.models.lpips import LPIPSWeightsError, read_widths
+        try:
+            read_widths(vae.perceptual_weights)
+        except LPIPSWeightsError as e:
+            raise ConfigError("vae_train.perceptual_weights", vae.perceptual_weights, str(e)) from None
+    if vae.gan_weight > 0:
+        if vae.gan_start_step < 0:
+            raise ConfigError("vae_train.gan_start_step", vae.gan_start_step, "expected a step >= 0")
+        if vae.discriminator_channels < 1:
+            raise ConfigError("vae_train.discriminator_channels", vae.discriminator_channels, "expected >= 1")
+        from sdjax.models.discriminator import smallest_image_size
+        if vae.discriminator_layers < 1 or config.data.resolution < smallest_image_size(vae.discriminator_layers):
+            raise ConfigError("vae_train.discriminator_layers", vae.discriminator_layers,
+                              f"expected at least 1, and data.resolution={config.data.resolution} >= 3 * 2**layers "
+                              "(each layer halves the image; the last two convs need a 3x3 map)")
 
 
 def _validate_loss_options(config: ml_collections.ConfigDict) -> None:

@@ -37,10 +37,16 @@ def make_lr_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """Gradient clipping (over all trained params), then the optimizer; with `train.train_text_encoder` the
-    text encoder's params get their own instance of it, at `optimizer.text_encoder_learning_rate`."""
+    text encoder's params get their own instance of it, at `optimizer.text_encoder_learning_rate`. The VAE
+    stage's patch-GAN discriminator has its own objective, so its own clipping and optimizer instance
+    (the same settings): its gradients neither shrink the VAE's by clipping nor enter its moments."""
     opt = config.optimizer
     clip = [optax.clip_by_global_norm(opt.grad_clip_norm)] if opt.grad_clip_norm > 0 else []
     update = _optimizer(config, make_lr_schedule(config))
+    if config.train.get("stage", "unet") == "vae" and config.vae_train.gan_weight > 0:
+        per_network = optax.chain(*clip, *update)  # multi_transform gives each network its own state of it
+        return optax.multi_transform({"vae": per_network, "discriminator": per_network},
+                                     lambda params: {name: name for name in params})
     if not config.train.train_text_encoder:
         return optax.chain(*clip, *update)
     text_config = config.copy_and_resolve_references()

@@ -32,10 +32,12 @@ TRAINABLE = ("unet",)
 def stage_components(config: ml_collections.ConfigDict) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(trainable, all) components of the train state of `train.stage`: the UNet stage trains the UNet (or its
     LoRA adapters, and the text encoder if asked) over a frozen VAE and text encoder; the VAE stage
-    (sdjax/vae.py) trains the VAE alone."""
+    (sdjax/vae.py) trains the VAE (and its patch-GAN discriminator), with LPIPS's VGG frozen when asked."""
+    trainable = trainable_components(config)
     if config.train.get("stage", "unet") == "vae":
-        return ("vae",), ("vae",)
-    return trainable_components(config), models_lib.COMPONENTS
+        perceptual = (models_lib.PERCEPTUAL,) if config.vae_train.get("perceptual_weight", 0) > 0 else ()
+        return trainable, trainable + perceptual
+    return trainable, models_lib.COMPONENTS
 
 
 @flax.struct.dataclass
@@ -50,10 +52,10 @@ class TrainState:
 
 
 def trainable_components(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """What the optimizer updates: the VAE stage's VAE; the LoRA adapters alone; or the UNet (and the text
-    encoder if asked)."""
+    """What the optimizer updates: the VAE stage's VAE (and discriminator); the LoRA adapters alone; or the
+    UNet (and the text encoder if asked)."""
     if config.train.get("stage", "unet") == "vae":
-        return ("vae",)
+        return ("vae",) + ((models_lib.DISCRIMINATOR,) if config.vae_train.get("gan_weight", 0) > 0 else ())
     if lora_lib.enabled(config):
         return (lora_lib.COMPONENT,)
     return TRAINABLE + (("text_encoder",) if config.train.train_text_encoder else ())
@@ -112,11 +114,19 @@ def create_train_state(models: models_lib.Models, config: ml_collections.ConfigD
     state_shapes = jax.eval_shape(init_state, param_shapes, lora_rng)
     shardings = state_shardings(state_shapes, mesh, config)
     params_shardings = mesh_lib.tree_shardings(param_shapes, mesh, config.mesh.fsdp_min_size)  # the state's rule
+    # LPIPS's VGG comes from its own file (sdjax/models/lpips.py); random only where abstract_train_state
+    # traces this function without reading files.
+    from_file = models_lib.PERCEPTUAL in components and config.vae_train.get("perceptual_weights")
+    initialised = tuple(c for c in components if not (from_file and c == models_lib.PERCEPTUAL))
     if config.model.pretrained:
-        host_params = models_lib.load_pretrained_params(models, config, components)
-        params = jax.device_put(host_params, params_shardings)
+        host_params = models_lib.load_pretrained_params(models, config, initialised)
+        params = jax.device_put(host_params, {c: params_shardings[c] for c in initialised})
     else:
-        params = models_lib.init_params(models, config, rng, out_shardings=params_shardings, components=components)
+        params = models_lib.init_params(models, config, rng, components=initialised,
+                                        out_shardings={c: params_shardings[c] for c in initialised})
+    if from_file:
+        params[models_lib.PERCEPTUAL] = jax.device_put(models_lib.load_perceptual_params(config),
+                                                       params_shardings[models_lib.PERCEPTUAL])
     state = jax.jit(init_state, out_shardings=shardings, donate_argnums=0)(params, lora_rng)
     return state, shardings
 
@@ -178,9 +188,10 @@ def make_train_step(models: models_lib.Models, config: ml_collections.ConfigDict
     lora_scale = lora_lib.scale(config.lora) if lora_lib.enabled(config) else 0.0
     example_losses = make_example_losses(models, config)
 
-    def loss_fn(trainable, frozen, batch, example_rngs):
+    def loss_fn(trainable, frozen, batch, example_rngs, step):
         """The loss of `batch`. A micro-batch (strided, see split_micro_batches) computes exactly its examples'
         part of the whole batch's loss, also the two halves of a prior-preservation batch."""
+        del step  # the same objective at every step
         params = lora_lib.merge({**frozen, **trainable}, lora_scale)  # LoRA: W + scale * A @ B, differentiable
         return combine_example_losses(example_losses(params, batch, example_rngs), config), {}
 
@@ -189,11 +200,11 @@ def make_train_step(models: models_lib.Models, config: ml_collections.ConfigDict
 
 def make_update_step(loss_fn: Callable, config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
                      lr_schedule: optax.Schedule) -> Callable:
-    """The train step of any stage around its `loss_fn(trainable, frozen, batch, example_rngs) -> (loss,
+    """The train step of any stage around its `loss_fn(trainable, frozen, batch, example_rngs, step) -> (loss,
     metrics)`: gradient accumulation, optimizer update, EMA, and the metrics {loss, grad_norm, lr, **metrics}."""
     grad_accum = config.train.grad_accum
 
-    def loss_and_grads(trainable, frozen, batch, example_rngs):
+    def loss_and_grads(loss_fn, trainable, frozen, batch, example_rngs):
         """Over `grad_accum` equal micro-batches in sequence (lax.scan): their mean loss and gradient are the
         whole batch's, while only one micro-batch's activations are alive at a time. (XLA places the gradient
         all-reduce inside the loop, once per micro-batch: seen in the compiled step.)"""
@@ -214,7 +225,8 @@ def make_update_step(loss_fn: Callable, config: ml_collections.ConfigDict, tx: o
     def train_step(state: TrainState, batch: dict, rng: jax.Array):
         step_rng = jax.random.fold_in(rng, state.step)
         example_rngs = jax.random.split(step_rng, jax.tree.leaves(batch)[0].shape[0])
-        (loss, loss_metrics), grads = loss_and_grads(state.params, state.frozen, batch, example_rngs)
+        step_loss_fn = functools.partial(loss_fn, step=state.step)
+        (loss, loss_metrics), grads = loss_and_grads(step_loss_fn, state.params, state.frozen, batch, example_rngs)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr_schedule(state.step),

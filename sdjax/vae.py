@@ -1,13 +1,23 @@
 """The VAE stage (`sdjax train-vae`, `train.stage="vae"`) and the trained VAE the UNet stage runs on.
 
-The VAE stage trains FlaxAutoencoderKL alone, with `sdjax train`'s loop, mesh, optimizer, checkpoints and
-metrics (sdjax/train.py); what differs is here. A batch {pixel_values [B,H,W,3] in [-1,1]} becomes a loss:
-  encode -> posterior N(mean, std^2) -> one latent sample -> decode -> reconstruction
+The VAE stage trains FlaxAutoencoderKL with `sdjax train`'s loop, mesh, optimizer, checkpoints and metrics
+(sdjax/train.py); what differs is here. A batch {pixel_values [B,H,W,3] in [-1,1]} becomes a loss:
+  encode -> posterior N(mean, std^2) -> one latent sample -> decode -> reconstruction x'
   loss = l1_weight * mean|x - x'| + l2_weight * mean (x - x')^2 + kl_weight * mean KL(posterior || N(0, 1))
-(means over pixels, over latent elements), the LDM/SD autoencoder objective without its optional perceptual
-and patch-GAN terms (not implemented). Every train.sample_every steps a grid of held-out images (top) and
-their reconstructions (bottom, from the posterior mean) goes to WORKDIR/samples and TensorBoard
-("reconstructions"); train.eval_every gives eval_l1 / eval_mse on the eval split.
+         + perceptual_weight * mean LPIPS(x, x')                                   (if perceptual_weight > 0)
+         + gan_weight * -mean D(x') + hinge loss of D on (x, x')     (if gan_weight > 0, from gan_start_step)
+(means over pixels, over latent elements, over D's patches): the LDM/SD autoencoder objective. The LPIPS
+network (sdjax/models/lpips.py) is frozen, read from `vae_train.perceptual_weights`. The patch-GAN
+discriminator D (sdjax/models/discriminator.py) is trained in the same step, with its own optimizer state
+(sdjax/optim.py): two stop-gradients split the one loss into the decoder's term (D's params stopped) and D's
+hinge loss (the reconstruction stopped), so each network gets the gradient of its own objective only. As in
+LDM, with `gan_adaptive_weight` the generator term's weight is gan_weight x |grad of the reconstruction
+terms| / |grad of the generator term|, both taken at the decoder's last conv kernel (one vjp through that
+conv alone); with gradient accumulation, per micro-batch.
+
+Every train.sample_every steps a grid of held-out images (top) and their reconstructions (bottom, from the
+posterior mean) goes to WORKDIR/samples and TensorBoard ("reconstructions"); train.eval_every gives eval_l1 /
+eval_mse on the eval split.
 
 At the end, the latent scaling factor: 1 / std of sampled latents of `vae_train.scaling_examples` training
 images (SD's 0.18215 was found this way), so that the UNet stage's latents have unit variance. It is written
@@ -37,6 +47,7 @@ from sdjax import step as step_lib
 from sdjax import config as config_lib
 from sdjax.config import ConfigError
 from sdjax.data.records import CheckedSource
+from sdjax.models import discriminator as discriminator_lib
 
 SCALING_FILE = "vae_scaling_factor.json"
 # Fixed keys of the scaling factor's latent samples and of the grids: the same params give the same numbers.
@@ -52,26 +63,69 @@ def kl_to_standard_normal(mean: jax.Array, std: jax.Array) -> jax.Array:
 
 
 def make_train_step(models: models_lib.Models, config: ml_collections.ConfigDict, tx, lr_schedule):
-    """(state, batch, rng) -> (state, metrics {loss, l1, mse, kl, grad_norm, lr}): the shared update step
+    """(state, batch, rng) -> (state, metrics {loss, l1, mse, kl, [perceptual], [generator_loss,
+    discriminator_loss, logits_real, logits_fake, gan_weight], grad_norm, lr}): the shared update step
     (sdjax/step.py) around the autoencoder loss."""
     weights = config.vae_train
+    adaptive = models.discriminator is not None and weights.gan_adaptive_weight
 
-    def loss_fn(trainable, frozen, batch, example_rngs):
-        del frozen  # the VAE stage trains the VAE alone
+    def reconstruction_loss(reconstruction, pixels, frozen):
+        error = reconstruction - pixels
+        metrics = {"l1": jnp.mean(jnp.abs(error)), "mse": jnp.mean(jnp.square(error))}
+        loss = weights.l1_weight * metrics["l1"] + weights.l2_weight * metrics["mse"]
+        if models.perceptual is not None:
+            metrics["perceptual"] = jnp.mean(models.perceptual.apply(
+                {"params": frozen[models_lib.PERCEPTUAL]}, pixels, reconstruction))
+            loss = loss + weights.perceptual_weight * metrics["perceptual"]
+        return loss, metrics
+
+    def loss_fn(trainable, frozen, batch, example_rngs, step):
         params = trainable["vae"]
         pixels = batch["pixel_values"]
         mean, std = models_lib.image_latent_moments(models, params, pixels)
         mean, std = mean.astype(jnp.float32), std.astype(jnp.float32)
         noise = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], jnp.float32))(example_rngs)
-        reconstruction = models_lib.decode_unscaled_latents(models, params, mean + std * noise)
-        error = reconstruction.astype(jnp.float32) - pixels
-        metrics = {"l1": jnp.mean(jnp.abs(error)), "mse": jnp.mean(jnp.square(error)),
-                   "kl": jnp.mean(kl_to_standard_normal(mean, std))}
-        loss = (weights.l1_weight * metrics["l1"] + weights.l2_weight * metrics["mse"]
-                + weights.kl_weight * metrics["kl"])
-        return loss, metrics
+        latents = mean + std * noise
+        if adaptive:
+            reconstruction, last_layer_grad = models_lib.decode_with_last_layer_vjp(models, params, latents)
+        else:
+            reconstruction = models_lib.decode_unscaled_latents(models, params, latents)
+        reconstruction = reconstruction.astype(jnp.float32)
+        (loss, metrics), loss_grad = jax.value_and_grad(reconstruction_loss, has_aux=True)(
+            reconstruction, pixels, frozen)
+        metrics["kl"] = jnp.mean(kl_to_standard_normal(mean, std))
+        loss = loss + weights.kl_weight * metrics["kl"]
+        if models.discriminator is None:
+            return loss, metrics
+        adversarial, generator_grad = adversarial_losses(
+            models.discriminator, trainable[models_lib.DISCRIMINATOR], pixels, reconstruction)
+        gan_weight = jnp.float32(weights.gan_weight)
+        if adaptive:  # LDM's: balance the two terms' gradients at the decoder's last layer
+            norm = lambda g: jnp.sqrt(jnp.sum(jnp.square(last_layer_grad(g))))  # noqa: E731
+            ratio = norm(loss_grad) / (norm(generator_grad) + 1e-4)
+            gan_weight = gan_weight * jax.lax.stop_gradient(jnp.clip(ratio, 0.0, 1e4))
+        on = (step >= weights.gan_start_step).astype(jnp.float32)
+        loss = loss + on * (gan_weight * adversarial["generator_loss"] + adversarial["discriminator_loss"])
+        return loss, {**metrics, **adversarial, "gan_weight": gan_weight}
 
     return step_lib.make_update_step(loss_fn, config, tx, lr_schedule)
+
+
+def adversarial_losses(discriminator, discriminator_params, pixels: jax.Array,
+                       reconstruction: jax.Array) -> tuple[dict[str, jax.Array], jax.Array]:
+    """The patch-GAN terms, each differentiable only in its own network: `generator_loss` (-mean D(x')) in
+    the VAE (D's params stopped), `discriminator_loss` (hinge on D(x), D(x')) in D (x' stopped); and the
+    gradient of generator_loss with respect to x' (for the adaptive weight)."""
+    judge = lambda params, images: discriminator.apply({"params": params}, images)  # noqa: E731
+    stopped_params = jax.lax.stop_gradient(discriminator_params)
+    generator, generator_grad = jax.value_and_grad(
+        lambda x: discriminator_lib.generator_loss(judge(stopped_params, x)))(reconstruction)
+    # Real and fake in one pass (the discriminator normalises per example, so this is exact).
+    logits_real, logits_fake = jnp.split(
+        judge(discriminator_params, jnp.concatenate([pixels, jax.lax.stop_gradient(reconstruction)])), 2)
+    return ({"generator_loss": generator,
+             "discriminator_loss": discriminator_lib.hinge_discriminator_loss(logits_real, logits_fake),
+             "logits_real": jnp.mean(logits_real), "logits_fake": jnp.mean(logits_fake)}, generator_grad)
 
 
 def reconstruct(models: models_lib.Models, params: dict, pixels: jax.Array) -> jax.Array:

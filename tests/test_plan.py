@@ -47,6 +47,55 @@ def test_batch_far_beyond_hbm_reports_does_not_fit(plan_config):
     assert "NO: does not fit" in plan_lib.format_table([plan])
 
 
+def _fake_compiles(monkeypatch, total_bytes, capacity_bytes=float(2**20)):
+    """plan_step replaced by a memory model total_bytes(per-device batch); returns the batches compiled."""
+    compiled = []
+
+    def plan_step(config, topology, cache_dir=None):
+        batch = config.train.batch_size // 4
+        compiled.append(batch)
+        total = total_bytes(batch)
+        return plan_lib.Plan(topology=topology, num_devices=4, batch_per_device=batch,
+                             global_batch=config.train.batch_size, fits=total <= capacity_bytes,
+                             total_bytes=total, capacity_bytes=capacity_bytes)
+
+    monkeypatch.setattr(plan_lib, "plan_step", plan_step)
+    return compiled
+
+
+# Doubling then bisection would compile 1, 2, 4, 8, 16, 32, 64 and then about log2 of the last gap (7-11).
+@pytest.mark.parametrize("total_bytes, most_compiles", [
+    (lambda b: 100_000 + 30_000 * b, 4),  # a line (answer 31): 1, 2, the crossing, its neighbour
+    (lambda b: 100_000 + 20_000 * b + 900 * b * b, 8),  # bent (answer 23)
+    (lambda b: 100_000 + 30_000 * b + (40_000 if b % 8 else 0), 6),  # padding steps (answer 30)
+    (lambda b: 300_000 + 8_000 * b, 3),  # past the limit of 64: 1, 2, 64
+])
+def test_max_batch_search_finds_the_largest_fitting_batch_in_few_compiles(plan_config, monkeypatch, total_bytes,
+                                                                          most_compiles):
+    compiled = _fake_compiles(monkeypatch, total_bytes)
+    best, plans = plan_lib.max_batch_per_device(plan_config, "v5e:2x2", None, limit=64)
+    expected = max(b for b in range(1, 65) if total_bytes(b) <= 2**20)
+    assert best == expected and [p.batch_per_device for p in plans] == compiled
+    assert len(compiled) <= most_compiles, compiled
+
+
+def test_max_batch_search_against_a_smaller_capacity(plan_config, monkeypatch):
+    _fake_compiles(monkeypatch, lambda b: 100_000 + 30_000 * b)
+    best, plans = plan_lib.max_batch_per_device(plan_config, "v5e:2x2", None, capacity_bytes=400_000)
+    assert best == 10 and all(p.capacity_bytes == 400_000 for p in plans)
+    assert {p.batch_per_device: p.fits for p in plans}[11] is False
+
+
+def test_max_batch_of_a_real_compile_on_cpu_devices_is_confirmed_by_its_neighbour(plan_config, tmp_path):
+    two, three = (plan_lib.plan_step(_with_batch(plan_config, 8 * b), "cpu:8", str(tmp_path)) for b in (2, 3))
+    assert three.total_bytes > two.total_bytes
+    capacity = (two.total_bytes + three.total_bytes) / 2  # 2 per device fits, 3 does not
+    best, plans = plan_lib.max_batch_per_device(plan_config, "cpu:8", str(tmp_path), capacity_bytes=capacity)
+    assert best == 2
+    assert [p.batch_per_device for p in plans] == [1, 2, 3]  # 2 and 3 from the cache of the compiles above
+    assert not plans[-1].fits and plans[-1].capacity_bytes == capacity
+
+
 def test_cli_plan_on_cpu_devices_prints_table_and_caches(tmp_path):
     argv = ["sdjax", "plan", "--config", "configs/demo.py", "--topology", "cpu:8", "--cache_dir", str(tmp_path),
             "--config.data.resolution=16", "--config.train.batch_size=8"]

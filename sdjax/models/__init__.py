@@ -26,12 +26,16 @@ from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel  # noqa: E402
 
 from sdjax.models import attention as attention_lib, noise, pytorch_weights  # noqa: E402
+from sdjax.models import discriminator as discriminator_lib, lpips as lpips_lib  # noqa: E402
 from sdjax.models.tokenizer import builtin_tokenizer  # noqa: E402
 
 silence_flax_deprecation_notices()  # and after: now on the loggers those imports created
 
 Params = Any
 COMPONENTS = ("unet", "vae", "text_encoder")
+# The VAE stage's loss networks (sdjax/vae.py), present only when its config asks for their loss terms: the
+# patch-GAN discriminator is trained beside the VAE; LPIPS's VGG is frozen and read from a file.
+DISCRIMINATOR, PERCEPTUAL = "discriminator", "perceptual"
 
 
 class PretrainedFolderError(ValueError):
@@ -46,6 +50,8 @@ class Models:
     text_encoder_config: CLIPTextConfig
     tokenizer: CLIPTokenizer
     attention: str = "default"  # model.attention (sdjax/models/attention.py)
+    discriminator: discriminator_lib.PatchDiscriminator | None = None  # vae_train.gan_weight > 0
+    perceptual: lpips_lib.LPIPS | None = None  # vae_train.perceptual_weight > 0
 
     @property
     def vae_scale_factor(self) -> int:
@@ -109,7 +115,22 @@ def build_models(config: ml_collections.ConfigDict) -> Models:
         text_cfg = CLIPTextConfig(**config.model.text_encoder.to_dict())
     text_encoder = FlaxCLIPTextModel(text_cfg, dtype=dtype, _do_init=False).module
     return Models(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_config=text_cfg,
-                  tokenizer=tokenizer, attention=config.model.attention)
+                  tokenizer=tokenizer, attention=config.model.attention, **vae_loss_networks(config, dtype))
+
+
+def vae_loss_networks(config: ml_collections.ConfigDict, dtype) -> dict[str, Any]:
+    """The VAE stage's discriminator and LPIPS modules that `vae_train` asks for (none in the UNet stage)."""
+    vae_train = config.vae_train
+    if config.train.get("stage", "unet") != "vae":
+        return {}
+    networks = {}
+    if vae_train.get("gan_weight", 0) > 0:  # .get: the saved configs of runs from before these keys
+        networks[DISCRIMINATOR] = discriminator_lib.PatchDiscriminator(
+            channels=vae_train.discriminator_channels, num_layers=vae_train.discriminator_layers, dtype=dtype)
+    if vae_train.get("perceptual_weight", 0) > 0:
+        networks[PERCEPTUAL] = lpips_lib.LPIPS(widths=lpips_lib.read_widths(vae_train.perceptual_weights),
+                                               dtype=dtype)
+    return networks
 
 
 def vae_config_from_folder(folder: str) -> dict:
@@ -149,7 +170,10 @@ def _init_fns(models: Models, config: ml_collections.ConfigDict):
         ids = jnp.zeros((1, seq_len), jnp.int32)
         return models.text_encoder.init(rng, ids, jnp.ones_like(ids), position_ids(ids))["params"]
 
-    return {"unet": init_unet, "vae": init_vae, "text_encoder": init_text_encoder}
+    image = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    return {"unet": init_unet, "vae": init_vae, "text_encoder": init_text_encoder,
+            DISCRIMINATOR: lambda rng: models.discriminator.init(rng, image)["params"],
+            PERCEPTUAL: lambda rng: models.perceptual.init(rng, image, image)["params"]}
 
 
 def param_shapes(models: Models, config: ml_collections.ConfigDict,
@@ -165,6 +189,7 @@ def init_params(models: Models, config: ml_collections.ConfigDict, rng: jax.Arra
     init does not depend on which others are created with it."""
     fns = _init_fns(models, config)
     rngs = dict(zip(COMPONENTS, jax.random.split(rng, len(COMPONENTS))))
+    rngs.update({name: jax.random.fold_in(rng, i + 1) for i, name in enumerate((DISCRIMINATOR, PERCEPTUAL))})
 
     def init_all(rngs):
         return {name: fns[name](rngs[name]) for name in components}
@@ -185,6 +210,11 @@ def load_pretrained_params(models: Models, config: ml_collections.ConfigDict,
             os.path.join(root, "text_encoder"), shapes["text_encoder"]),
     }
     return {name: loaders[name]() for name in components}
+
+
+def load_perceptual_params(config: ml_collections.ConfigDict) -> Params:
+    """float32 host params of LPIPS's VGG from `vae_train.perceptual_weights`."""
+    return lpips_lib.load_params(config.vae_train.perceptual_weights)
 
 
 # --- forward functions used by the step and the sampler -------------------------------------------
@@ -233,6 +263,22 @@ def decode_unscaled_latents(models: Models, params: Params, latents_nhwc: jax.Ar
     """Images NHWC in [-1, 1] (unclipped) from channels-last latents as the encoder gives them (unscaled)."""
     images = models.vae.apply({"params": params}, latents_nhwc, method=models.vae.decode).sample
     return jnp.transpose(images, (0, 2, 3, 1))
+
+
+def decode_with_last_layer_vjp(models: Models, params: Params, latents_nhwc: jax.Array):
+    """(images as decode_unscaled_latents gives them, g -> gradient at the decoder's last conv kernel of a loss
+    whose gradient at the images is g). The VAE stage's adaptive GAN weight compares two such gradients;
+    the map runs back through that one conv only (the rest of the decoder does not depend on its kernel)."""
+    decoder = params["decoder"]
+    last = decoder["conv_out"]
+
+    def decode(kernel_offset):
+        shifted_last = {**last, "kernel": last["kernel"] + kernel_offset}
+        return decode_unscaled_latents(models, {**params, "decoder": {**decoder, "conv_out": shifted_last}},
+                                       latents_nhwc)
+
+    images, vjp = jax.vjp(decode, jnp.zeros_like(last["kernel"]))
+    return images, lambda grad: vjp(grad.astype(images.dtype))[0]
 
 
 def predict_noise(models: Models, params: Params, noisy_latents, timesteps, text_embeddings) -> jax.Array:
