@@ -30,6 +30,9 @@ _SLICE_CONV_INDICES = ((0, 2), (5, 7), (10, 12, 14), (17, 19, 21), (24, 26, 28))
 _SHIFT = (-0.030, -0.088, -0.188)
 _SCALE = (0.458, 0.448, 0.450)
 _NORMALIZE_EPS = 1e-10  # lpips.normalize_tensor's
+# The tensors sdjax reads from an lpips state dict (its ScalingLayer buffers are the constants above).
+_EXPECTED_KEYS = tuple([f"net.slice{s + 1}.{i}.{p}" for s, convs in enumerate(_SLICE_CONV_INDICES) for i in convs
+                        for p in ("weight", "bias")] + [f"lin{s}.model.1.weight" for s in range(5)])
 
 
 class LPIPSWeightsError(ValueError):
@@ -75,23 +78,15 @@ class LPIPS(nn.Module):
 def read_widths(path: str) -> tuple[int, ...]:
     """The five slice widths of the VGG trunk in an `lpips` state dict file (64, 128, 256, 512, 512 for
     VGG16), from its header alone."""
-    with _open(path) as f:
-        keys = set(f.keys())
-        missing = [k for k in _expected_keys() if k not in keys]
-        if missing:
-            raise LPIPSWeightsError(
-                f"vae_train.perceptual_weights={path!r} is not an lpips VGG state dict: it lacks {missing[:3]} "
-                f"({len(missing)} of {len(_expected_keys())} tensors). Expected the safetensors file of "
-                "lpips.LPIPS(net='vgg').state_dict() (see sdjax/models/lpips.py).")
+    with _open_checked(path) as f:
         return tuple(int(f.get_slice(f"lin{s}.model.1.weight").get_shape()[1]) for s in range(5))
 
 
 def load_params(path: str) -> dict:
     """float32 Flax params of `LPIPS` from an `lpips` state dict file: conv kernels OIHW -> HWIO, linear
     layers [1, C, 1, 1] -> [C]."""
-    read_widths(path)  # raises LPIPSWeightsError, naming the file, when it is not one
     params = {}
-    with _open(path) as f:
+    with _open_checked(path) as f:
         for s, convs in enumerate(_SLICE_CONV_INDICES):
             for c, index in enumerate(convs):
                 prefix = f"net.slice{s + 1}.{index}"
@@ -102,17 +97,21 @@ def load_params(path: str) -> dict:
     return params
 
 
-def _expected_keys() -> list[str]:
-    keys = [f"net.slice{s + 1}.{i}.{p}" for s, convs in enumerate(_SLICE_CONV_INDICES) for i in convs
-            for p in ("weight", "bias")]
-    return keys + [f"lin{s}.model.1.weight" for s in range(5)]
-
-
-def _open(path: str):
+def _open_checked(path: str):
+    """The safetensors file at `path`, open, once its keys are those of an lpips VGG state dict; else
+    LPIPSWeightsError naming the file and what it lacks."""
     try:
-        return safe_open(path, framework="numpy")
+        f = safe_open(path, framework="numpy")
     except FileNotFoundError:
         raise LPIPSWeightsError(f"vae_train.perceptual_weights={path!r}: no such file") from None
     except Exception as e:  # safetensors raises its own error types for a file that is not one
         raise LPIPSWeightsError(f"vae_train.perceptual_weights={path!r} is not a safetensors file ({e}); "
                                 "expected lpips.LPIPS(net='vgg').state_dict() saved with safetensors") from None
+    keys = set(f.keys())
+    missing = [k for k in _EXPECTED_KEYS if k not in keys]
+    if missing:
+        raise LPIPSWeightsError(
+            f"vae_train.perceptual_weights={path!r} is not an lpips VGG state dict: it lacks {missing[:3]} "
+            f"({len(missing)} of {len(_EXPECTED_KEYS)} tensors). Expected the safetensors file of "
+            "lpips.LPIPS(net='vgg').state_dict() (see sdjax/models/lpips.py).")
+    return f
