@@ -49,7 +49,8 @@ def load_config(path: str, batch: int, attention: str):
 def run_variant(variant: str, config_path: str, batch_size: int, repeats: int) -> dict:
     family, option = variant.split("-", 1)
     config = load_config(config_path, batch_size, option if family == "sdjax" else "default")
-    batch = step_runners.fixed_batch(batch_size, config.data.resolution, config.model.text_encoder.vocab_size)
+    batch = step_runners.fixed_batch(batch_size, config.data.resolution, config.model.text_encoder.vocab_size,
+                                     config.data.max_length)
     if family == "sdjax":
         import jax
         result = step_runners.time_steps(step_runners.sdjax_runner(config, batch), repeats)

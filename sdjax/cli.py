@@ -252,7 +252,8 @@ def _eval_demo(argv: list[str]) -> int:
     flags.DEFINE_integer("steps", None, "Denoising steps (default: the run's sample.steps).", flag_values=fv)
     flags.DEFINE_float("guidance", None, "Guidance scale (default: the run's sample.guidance).", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Same seed, same images, same scores.", flag_values=fv)
-    flags.DEFINE_string("out", None, "Also write the scored images as a grid PNG (rows: prompts).", flag_values=fv)
+    flags.DEFINE_string("out", None, "Also write the scored images as a grid PNG (rows: the held-out "
+                      "prompts, then their seen counterparts).", flag_values=fv)
     flags.mark_flags_as_required(["workdir"], flag_values=fv)
     _parse(fv, _dashes_to_underscores(argv))
 

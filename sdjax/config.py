@@ -76,7 +76,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.aspect_buckets = False  # batches of one aspect-ratio bucket each (fine-tuning on mixed shapes)
     c.data.bucket_step = 64  # bucket sides are multiples of this (of the VAE x UNet downsampling)
     c.data.bucket_max_aspect = 2.0  # the most elongated bucket (long side / short side)
-    c.data.demo_num_examples = 2048
+    # Generated on the fly from (seed, index), so size costs nothing; a large one means a run never sees an
+    # image twice. Measured on the demo (UNet stage, 2000 steps): with 2048 examples (31 epochs) it drew the
+    # shapes of the held-out captions at 0.40, with 200,000 at 0.60 (eval-demo, 48 images each).
+    c.data.demo_num_examples = 1_000_000
     c.data.demo_num_eval_examples = 64
     c.data.demo_seed = 0
     c.data.demo_held_out = ()  # demo captions the train split never shows (`sdjax eval-demo` samples them)

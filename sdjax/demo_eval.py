@@ -6,6 +6,11 @@ generator (`sdjax/data/shapes.py: score`): background colour in the margin where
 foreground colour inside it, and the shape that the foreground pixels overlap best. The accuracy of each
 attribute is the fraction of images that have it right; `all` counts images with all three right.
 Chance levels: background 1/6, foreground 1/5 (given the background), shape 1/3.
+
+Beside each held-out prompt, its seen counterpart (`seen_counterpart`: the same words but another
+background, a caption the train split does show) is sampled and scored the same way, under `"seen"`: the
+difference between the two is what the run draws for captions it was trained on and what it makes of new
+combinations of the same words.
 """
 
 from __future__ import annotations
@@ -30,6 +35,19 @@ def held_out_prompts(config: ml_collections.ConfigDict) -> list[str]:
     return list(config.data.get("demo_held_out") or config.sample.prompts)
 
 
+def seen_counterpart(caption: str, held_out) -> str:
+    """The caption with `caption`'s foreground colour and shape on the next background colour (in
+    shapes.COLOURS' order) that makes a caption not in `held_out`, i.e. one the train split shows."""
+    scene = shapes.scene_from_caption(caption)
+    colours = list(shapes.COLOURS)
+    start = colours.index(scene.background)
+    for colour in colours[start + 1:] + colours[:start]:
+        seen = f"a {scene.foreground} {scene.shape} on a {colour} background"
+        if colour != scene.foreground and seen not in held_out:
+            return seen
+    raise ValueError(f"every background for {caption!r} is held out: nothing seen to compare it with")
+
+
 def accuracy(images: np.ndarray, prompts: list[str]) -> dict[str, float]:
     """Per attribute (and `all`), the fraction of `images` (image i asked for prompts[i]) that show it."""
     scores = [shapes.score(image, prompt) for image, prompt in zip(images, prompts)]
@@ -48,6 +66,7 @@ def evaluate(workdir: str, step: int | None = None, num_images: int = 8, schedul
         raise NotADemoRunError(f"{workdir} trained on data.source={config.data.source!r}: eval-demo scores runs "
                                "on the built-in demo dataset (data.source=demo)")
     prompts = held_out_prompts(config)
+    seen = [seen_counterpart(prompt, set(prompts)) for prompt in prompts]
     scheduler = scheduler or config.sample.scheduler
     num_steps = num_steps or config.sample.steps
     guidance = config.sample.guidance if guidance is None else guidance
@@ -56,12 +75,14 @@ def evaluate(workdir: str, step: int | None = None, num_images: int = 8, schedul
     models = models_lib.build_models(config)
     mesh = mesh_lib.make_mesh(config)
     sampler = sample_lib.Sampler(models, config, mesh, scheduler, num_steps)
-    asked = sample_lib.repeat_prompts(prompts, num_images)
+    asked = sample_lib.repeat_prompts(prompts + seen, num_images)  # one sampling pass for both sets
     images = sampler(jax.device_put(params, mesh_lib.replicated(mesh)), asked, config.sample.negative_prompt,
                      seed, guidance)
-    if out and jax.process_index() == 0:
+    if out and jax.process_index() == 0:  # rows: the held-out prompts, then their seen counterparts
         sample_lib.save_png(out, sample_lib.image_grid(images, num_images))
     per_prompt = {prompt: accuracy(images[i * num_images:(i + 1) * num_images], [prompt] * num_images)
-                  for i, prompt in enumerate(prompts)}
-    return {"step": step, **accuracy(images, asked), "images": len(images), "prompts": len(prompts),
+                  for i, prompt in enumerate(prompts + seen)}
+    held = len(prompts) * num_images
+    return {"step": step, **accuracy(images[:held], asked[:held]), "images": held, "prompts": len(prompts),
+            "seen": {**accuracy(images[held:], asked[held:]), "prompts": seen},
             "scheduler": scheduler, "steps": num_steps, "guidance": guidance, "per_prompt": per_prompt}

@@ -46,7 +46,8 @@ def cached(tmp_path_factory):
     config.data.update(source="imagefolder", path=str(good), caption_dropout=0.5)
     overrides = [f"--config.{key}={value}" for key, value in (
         ("model.pretrained", config.model.pretrained), ("model.vae_config", ""), ("data.source", "imagefolder"),
-        ("data.path", with_bad), ("data.resolution", 16), ("data.caption_dropout", 0.5), ("train.batch_size", 8),
+        ("data.path", with_bad), ("data.resolution", 16), ("data.max_length", config.data.max_length),
+        ("data.caption_dropout", 0.5), ("train.batch_size", 8),
         ("train.precision", "fp32"), ("data.num_threads", 1), ("train.eval_every", 0))]
     out = tmp / "latents"
     main = [os.path.join(ROOT, "configs", "demo.py"), "--out", str(out), *overrides]

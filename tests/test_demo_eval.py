@@ -50,3 +50,18 @@ def test_accuracy_is_the_fraction_of_images_right_per_attribute():
 def test_a_caption_that_is_not_a_demo_caption_is_refused():
     with pytest.raises(ValueError, match="not a demo caption"):
         shapes.scene_from_caption("a purple circle on a blue background")
+
+
+def test_seen_counterpart_keeps_the_words_and_changes_the_background_to_a_trained_caption():
+    held_out = {"a red circle on a blue background", "a red circle on a yellow background"}
+    # COLOURS order: red, green, blue, yellow, white, black: after blue comes yellow (held out), then white.
+    assert demo_eval.seen_counterpart("a red circle on a blue background", held_out) == \
+        "a red circle on a white background"
+    # wraps around the colours and skips the foreground colour
+    assert demo_eval.seen_counterpart("a green square on a black background", set()) == \
+        "a green square on a red background"
+    assert demo_eval.seen_counterpart("a red square on a black background", set()) == \
+        "a red square on a green background"
+    everything = {f"a red circle on a {c} background" for c in shapes.COLOURS if c != "red"}
+    with pytest.raises(ValueError, match="every background"):
+        demo_eval.seen_counterpart("a red circle on a blue background", everything)

@@ -14,6 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from sdjax import checkpoint as checkpoint_lib
 from sdjax import cli
 from sdjax import data as data_lib
+from sdjax import demo_eval
 from sdjax import mesh as mesh_lib
 from sdjax import models as models_lib
 from sdjax import optim
@@ -89,12 +90,15 @@ def test_vae_stage_runs_first_and_the_unet_stage_takes_its_weights_and_scaling_f
 
 @pytest.mark.slow
 def test_eval_demo_prints_an_accuracy_in_0_1_per_attribute(two_stage_run, capsys):
-    _, workdir, _ = two_stage_run
+    config, workdir, _ = two_stage_run
     assert cli.main(["sdjax", "eval-demo", f"--workdir={workdir}", "--num-images=1", "--steps=2"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["prompts"] == 6 and report["images"] == 6
+    held_out, seen = demo_eval.held_out_prompts(config), report["seen"]["prompts"]
+    assert len(seen) == 6 and not set(seen) & set(held_out)
+    assert set(report["per_prompt"]) == set(held_out) | set(seen)
     for attribute in ("background", "foreground", "shape", "all"):
-        assert 0 <= report[attribute] <= 1, attribute
+        assert 0 <= report[attribute] <= 1 and 0 <= report["seen"][attribute] <= 1, attribute
 
 
 @pytest.mark.slow
