@@ -33,7 +33,7 @@ commands:
            [--merge-lora])
   eval-demo
            does a demo run draw what its held-out prompts say? accuracy per attribute: --workdir DIR
-           [--num-images 8] [--scheduler ddim] [--steps N] [--guidance G] [--seed S] [--out grid.png]
+           [--num-images 8] [--scheduler ddim] [--steps N] [--guidance G] [--seed S] [--out grid.png] [--noema]
 
 `sdjax <command> --help` lists a command's flags."""
 
@@ -252,6 +252,8 @@ def _eval_demo(argv: list[str]) -> int:
     flags.DEFINE_integer("steps", None, "Denoising steps (default: the run's sample.steps).", flag_values=fv)
     flags.DEFINE_float("guidance", None, "Guidance scale (default: the run's sample.guidance).", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Same seed, same images, same scores.", flag_values=fv)
+    flags.DEFINE_boolean("ema", True, "Score the run's EMA UNet weights when it kept them (--noema: the raw ones).",
+                         flag_values=fv)
     flags.DEFINE_string("out", None, "Also write the scored images as a grid PNG (rows: the held-out "
                       "prompts, then their seen counterparts).", flag_values=fv)
     flags.mark_flags_as_required(["workdir"], flag_values=fv)
@@ -264,7 +266,7 @@ def _eval_demo(argv: list[str]) -> int:
 
     try:
         report = demo_eval.evaluate(fv.workdir, fv.step, fv.num_images, fv.scheduler, fv.steps, fv.guidance,
-                                    fv.seed, fv.out)
+                                    fv.seed, fv.out, fv.ema)
     except (demo_eval.NotADemoRunError, NoCheckpointError, ValueError) as e:
         sys.exit(f"sdjax eval-demo: {e}")
     print(json.dumps(report))

@@ -58,10 +58,10 @@ def accuracy(images: np.ndarray, prompts: list[str]) -> dict[str, float]:
 
 def evaluate(workdir: str, step: int | None = None, num_images: int = 8, scheduler: str | None = None,
              num_steps: int | None = None, guidance: float | None = None, seed: int = 0,
-             out: str | None = None) -> dict:
+             out: str | None = None, use_ema: bool = True) -> dict:
     if num_images < 1:
         raise ValueError(f"--num-images={num_images}: expected at least 1")
-    config, params, step = sample_lib.load_for_sampling(workdir, step)
+    config, params, step = sample_lib.load_for_sampling(workdir, step, use_ema=use_ema)
     if config.data.source != "demo":
         raise NotADemoRunError(f"{workdir} trained on data.source={config.data.source!r}: eval-demo scores runs "
                                "on the built-in demo dataset (data.source=demo)")
@@ -85,4 +85,5 @@ def evaluate(workdir: str, step: int | None = None, num_images: int = 8, schedul
     held = len(prompts) * num_images
     return {"step": step, **accuracy(images[:held], asked[:held]), "images": held, "prompts": len(prompts),
             "seen": {**accuracy(images[held:], asked[held:]), "prompts": seen},
-            "scheduler": scheduler, "steps": num_steps, "guidance": guidance, "per_prompt": per_prompt}
+            "scheduler": scheduler, "steps": num_steps, "guidance": guidance,
+            "ema": bool(use_ema and config.train.ema_decay > 0), "per_prompt": per_prompt}

@@ -99,6 +99,9 @@ def test_eval_demo_prints_an_accuracy_in_0_1_per_attribute(two_stage_run, capsys
     assert set(report["per_prompt"]) == set(held_out) | set(seen)
     for attribute in ("background", "foreground", "shape", "all"):
         assert 0 <= report[attribute] <= 1 and 0 <= report["seen"][attribute] <= 1, attribute
+    assert report["ema"] is (config.train.ema_decay > 0)  # EMA weights are scored when the run kept them
+    assert cli.main(["sdjax", "eval-demo", f"--workdir={workdir}", "--num-images=1", "--steps=2", "--noema"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ema"] is False  # the raw UNet weights
 
 
 @pytest.mark.slow
