@@ -255,7 +255,7 @@ def _eval_demo(argv: list[str]) -> int:
     flags.DEFINE_boolean("ema", True, "Score the run's EMA UNet weights when it kept them (--noema: the raw ones).",
                          flag_values=fv)
     flags.DEFINE_string("out", None, "Also write the scored images as a grid PNG (rows: the held-out "
-                      "prompts, then their seen counterparts).", flag_values=fv)
+                        "prompts, then their seen counterparts).", flag_values=fv)
     flags.mark_flags_as_required(["workdir"], flag_values=fv)
     _parse(fv, _dashes_to_underscores(argv))
 

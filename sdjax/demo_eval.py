@@ -15,6 +15,8 @@ combinations of the same words.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import ml_collections
 import numpy as np
@@ -42,7 +44,7 @@ def seen_counterpart(caption: str, held_out) -> str:
     colours = list(shapes.COLOURS)
     start = colours.index(scene.background)
     for colour in colours[start + 1:] + colours[:start]:
-        seen = f"a {scene.foreground} {scene.shape} on a {colour} background"
+        seen = dataclasses.replace(scene, background=colour).caption
         if colour != scene.foreground and seen not in held_out:
             return seen
     raise ValueError(f"every background for {caption!r} is held out: nothing seen to compare it with")
@@ -66,7 +68,7 @@ def evaluate(workdir: str, step: int | None = None, num_images: int = 8, schedul
         raise NotADemoRunError(f"{workdir} trained on data.source={config.data.source!r}: eval-demo scores runs "
                                "on the built-in demo dataset (data.source=demo)")
     prompts = held_out_prompts(config)
-    seen = [seen_counterpart(prompt, set(prompts)) for prompt in prompts]
+    seen = [seen_counterpart(prompt, frozenset(prompts)) for prompt in prompts]
     scheduler = scheduler or config.sample.scheduler
     num_steps = num_steps or config.sample.steps
     guidance = config.sample.guidance if guidance is None else guidance
