@@ -7,6 +7,7 @@ global batch, AdamW, frozen VAE and text encoder, UNet trained. Each variant run
 
     python benchmarks/train_step.py                      # every variant, then the table
     python benchmarks/train_step.py --variants sdjax-fp32-1dev,torch-fp32 --repeats 5
+    python benchmarks/train_step.py --unet-channels 32,32 --image-size 16 --batch 2 --repeats 1   # a quick check
 
 Variants:
   sdjax-{fp32,bf16}-{1dev,8dev}  sdjax's jitted, sharded step (8dev: 8 emulated CPU devices, mesh data=8)
@@ -44,10 +45,18 @@ VARIANTS = ("sdjax-fp32-1dev", "sdjax-bf16-1dev", "sdjax-fp32-8dev", "sdjax-bf16
             "flax-example-fp32", "flax-example-bf16", "torch-fp32", "torch-bf16")
 
 
-def benchmark_config(precision: str, batch_size: int = BATCH, image_size: int = IMAGE):
+def unet_levels(channels: tuple[int, ...]) -> dict:
+    """UNET's layout with `channels` per level: cross-attention in every level but the lowest."""
+    n = len(channels)
+    return dict(block_out_channels=channels, down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1))
+
+
+def benchmark_config(precision: str, batch_size: int = BATCH, image_size: int = IMAGE,
+                     unet_channels: tuple[int, ...] = UNET["block_out_channels"]):
     from sdjax.config import base_config
     c = base_config()
-    c.model.unet.update(**{**UNET, "sample_size": image_size // 2})
+    c.model.unet.update(**{**UNET, **unet_levels(unet_channels), "sample_size": image_size // 2})
     c.model.vae.update(**{**VAE, "sample_size": image_size})
     c.model.text_encoder.update(**TEXT)
     c.data.resolution = image_size
@@ -58,9 +67,9 @@ def benchmark_config(precision: str, batch_size: int = BATCH, image_size: int = 
     return c
 
 
-def run_variant(variant: str, repeats: int, batch_size: int, image_size: int) -> dict:
+def run_variant(variant: str, repeats: int, batch_size: int, image_size: int, unet_channels: tuple[int, ...]) -> dict:
     family, precision = variant.split("-")[0], variant.split("-")[-2 if variant.endswith("dev") else -1]
-    config = benchmark_config(precision, batch_size, image_size)
+    config = benchmark_config(precision, batch_size, image_size, unet_channels)
     batch = step_runners.fixed_batch(batch_size, image_size, TEXT["vocab_size"])
     if family == "sdjax":
         run_step = step_runners.sdjax_runner(config, batch)
@@ -105,11 +114,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--batch", type=int, default=BATCH, help="global batch")
     parser.add_argument("--image-size", type=int, default=IMAGE, help="image side; latents are half of it")
+    parser.add_argument("--unet-channels", default=",".join(map(str, UNET["block_out_channels"])),
+                        help="UNet channels per level (multiples of 32), e.g. 32,32 for a quick smoke run")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--json-out", help="also write the raw results here")
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(run_variant(args.child, args.repeats, args.batch, args.image_size)))
+        unet_channels = tuple(int(c) for c in args.unet_channels.split(","))
+        print(json.dumps(run_variant(args.child, args.repeats, args.batch, args.image_size, unet_channels)))
         return
     results = {}
     for variant in args.variants.split(","):
@@ -117,7 +129,8 @@ def main() -> None:
             sys.exit(f"unknown variant {variant!r}; expected some of {VARIANTS}")
         results[variant] = step_runners.run_child(
             [sys.executable, __file__, "--child", variant, "--repeats", str(args.repeats), "--batch", str(args.batch),
-             "--image-size", str(args.image_size)], variant, env=child_env(variant))
+             "--image-size", str(args.image_size), "--unet-channels", args.unet_channels], variant,
+            env=child_env(variant))
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(results, f, indent=2)

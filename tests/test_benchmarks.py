@@ -8,13 +8,14 @@ import subprocess
 import sys
 
 import pytest
+from conftest import FAST_COMPILE_FLAGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.smoke
 
 
 def run_benchmark(script: str, *args: str, timeout: int = 600) -> str:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # each script sets its own devices
+    env = dict(os.environ, XLA_FLAGS=FAST_COMPILE_FLAGS)  # each script sets its own device count
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -35,7 +36,7 @@ def assert_measured(rows: list[list[str]], names: list[str], column: int = 1) ->
 def test_train_step_benchmark_compares_the_three_trainers():
     variants = ["sdjax-fp32-1dev", "flax-example-fp32", "torch-fp32"]
     output = run_benchmark("train_step.py", "--variants", ",".join(variants), "--repeats", "1",
-                           "--batch", "2", "--image-size", "16")
+                           "--batch", "2", "--image-size", "16", "--unet-channels", "32,32")
     assert_measured(table_rows(output), variants)
 
 

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE_FLAGS
 
 from sdjax import checkpoint as checkpoint_lib
 from sdjax import config as config_lib
@@ -229,7 +230,7 @@ def _sdjax_train(workdir, cache, steps):
             "--config.data.num_threads=1", "--config.optimizer.warmup_steps=2",
             "--config.model.vae_config="]  # no VAE stage
     argv += [f"--config.train.{k}={v}" for k, v in overrides.items()]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}  # one CPU device: a quicker compile
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE_FLAGS}  # one CPU device: quicker
     return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

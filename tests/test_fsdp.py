@@ -7,11 +7,11 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from sdjax import mesh as mesh_lib
-from tiny import params_tolerance, run_train_steps, tiny_config
+from tiny import PARAMS_ATOL, comparable_config, run_train_steps, tiny_config
 
 
 def _run_two_steps(data: int, fsdp: int):
-    config = tiny_config()
+    config = comparable_config(tiny_config())
     config.mesh.data, config.mesh.fsdp = data, fsdp
     state, losses = run_train_steps(config)
     return config, state, losses
@@ -53,11 +53,10 @@ def test_fsdp_rule(shape, expected):
 
 
 # Tolerance as in test_step: the same float32 sums in another order (1e-5 relative for loss and grad norm);
-# params to tiny.params_tolerance.
+# params to tiny.PARAMS_ATOL, under tiny.comparable_config.
 def test_fsdp_step_matches_replicated_step(fsdp_run):
     config, state, losses = fsdp_run
     _, ref_state, ref_losses = _run_two_steps(data=8, fsdp=1)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-6)
-    atol = params_tolerance(config)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=atol),
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=PARAMS_ATOL),
                  state.params, ref_state.params)

@@ -23,6 +23,7 @@ from sdjax import models as models_lib
 from sdjax import optim
 from sdjax import train as train_lib
 from sdjax.metrics import read_metrics
+from tiny import PARAMS_ATOL, comparable_config, load_config_file, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 5
@@ -30,16 +31,11 @@ TIMEOUT_S = 900
 
 
 def _test_config():
-    from tiny import load_config_file, tiny_config
-    config = tiny_config()
+    config = comparable_config(tiny_config())
     config.train.steps = NUM_STEPS
     config.train.checkpoint_every = NUM_STEPS
     config.train.sample_every = config.train.eval_every = 0  # not what this test is about; each costs a compile
     config.mesh.data, config.mesh.fsdp = 1, 8
-    # Adam's g / (sqrt(v) + eps) is +-lr for any g >> eps, also for the rounding noise (~1e-9) in the exactly
-    # zero gradients of biases right before a GroupNorm; a larger eps keeps that noise from becoming lr-sized
-    # updates that differ between any two reduction orders, so the params can be compared closely.
-    config.optimizer.eps = 1e-3
     return config, load_config_file("demo")
 
 
@@ -91,15 +87,15 @@ def test_two_processes_train_like_one_and_share_a_checkpoint(tmp_path):
         np.testing.assert_allclose([m[key] for m in multi_metrics], [m[key] for m in single_metrics],
                                    rtol=1e-5, err_msg=key)
 
-    # One shared checkpoint, restored by this one process onto its 8 devices. Params: 1e-5 absolute (they are
-    # O(0.1); the same float32 sums in another order, through 5 updates).
+    # One shared checkpoint, restored by this one process onto its 8 devices. Params: tiny.PARAMS_ATOL (the
+    # same float32 sums in another order, through 5 updates).
     models = models_lib.build_models(config)
     mesh = mesh_lib.make_mesh(config)
     tx = optim.make_optimizer(config)
     restored = checkpoint_lib.Checkpoints(multi_dir / "checkpoints", config).restore_latest(
         lambda: checkpoint_lib.abstract_train_state(models, config, tx, mesh))
     assert restored is not None and restored.step == NUM_STEPS
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5),
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=PARAMS_ATOL),
                  restored.state.params, reference.state.params)
     sharded = [leaf for leaf in jax.tree.leaves(restored.state.params) if "fsdp" in leaf.sharding.spec]
     assert sharded, "the restored params should be split over this process's devices again"

@@ -10,28 +10,27 @@ from sdjax import mesh as mesh_lib
 from sdjax import models as models_lib
 from sdjax import optim
 from sdjax import step as step_lib
-from tiny import params_tolerance, run_train_steps
+from tiny import PARAMS_ATOL, comparable_config, run_train_steps
 
 
 @pytest.fixture(scope="module")
 def single_device_run():
     from tiny import tiny_config
-    config = tiny_config()
+    config = comparable_config(tiny_config())
     config.mesh.data, config.mesh.fsdp = 1, 1
     return run_train_steps(config, jax.devices()[:1])
 
 
 # Tolerance: the sharded step sums gradients in another order (per-device partial sums, then an
 # all-reduce), so float32 losses and gradient norms agree to 1e-5 relative, not bitwise; params to
-# tiny.params_tolerance (a fifth of the step-1 learning rate: Adam's g / sqrt(v) of rounding noise).
+# tiny.PARAMS_ATOL, under tiny.comparable_config.
 @pytest.mark.parametrize("data,fsdp", [(8, 1), (4, 2)])
 def test_sharded_step_matches_single_device(single_device_run, tiny_config, data, fsdp):
     tiny_config.mesh.data, tiny_config.mesh.fsdp = data, fsdp
-    state, losses = run_train_steps(tiny_config)
+    state, losses = run_train_steps(comparable_config(tiny_config))
     ref_state, ref_losses = single_device_run
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-6)
-    atol = params_tolerance(tiny_config)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=atol),
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=PARAMS_ATOL),
                  state.params, ref_state.params)
     if fsdp > 1:
         specs = [leaf.sharding.spec for leaf in jax.tree.leaves(state.params)]
