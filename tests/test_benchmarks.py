@@ -49,7 +49,10 @@ def test_gpu_train_step_benchmark_runs_on_cpu_with_a_small_config():
 
 def test_startup_benchmark_times_a_cold_and_a_warm_start():
     output = run_benchmark("startup.py", "--warm-runs", "1", "--", "--config.data.resolution=16",
-                           "--config.data.demo_num_examples=16", "--config.train.batch_size=8")
+                           "--config.data.demo_num_examples=16", "--config.train.batch_size=8",
+                           # a smaller step to compile: measured alone, 73 -> 59 s
+                           "--config.model.unet.block_out_channels=(32,32)", "--config.train.train_text_encoder=False",
+                           "--config.train.ema_decay=0")
     rows = table_rows(output)
     assert [row[0].split(" ")[0] for row in rows] == ["cold", "warm"]
     assert all(float(row[1]) > 0 for row in rows)
