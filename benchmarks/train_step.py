@@ -32,10 +32,9 @@ import step_runners  # noqa: E402
 
 BATCH = 8
 IMAGE = 64
-UNET = dict(sample_size=32, in_channels=4, out_channels=4, block_out_channels=(64, 128, 128), layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=128, attention_head_dim=8)
+UNET_CHANNELS = (64, 128, 128)  # per level; unet_levels() gives the block types
+UNET = dict(sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, cross_attention_dim=128,
+            attention_head_dim=8)
 VAE = dict(in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1, latent_channels=4,
            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
            norm_num_groups=32, sample_size=IMAGE, scaling_factor=0.18215)
@@ -53,7 +52,7 @@ def unet_levels(channels: tuple[int, ...]) -> dict:
 
 
 def benchmark_config(precision: str, batch_size: int = BATCH, image_size: int = IMAGE,
-                     unet_channels: tuple[int, ...] = UNET["block_out_channels"]):
+                     unet_channels: tuple[int, ...] = UNET_CHANNELS):
     from sdjax.config import base_config
     c = base_config()
     c.model.unet.update(**{**UNET, **unet_levels(unet_channels), "sample_size": image_size // 2})
@@ -114,7 +113,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--batch", type=int, default=BATCH, help="global batch")
     parser.add_argument("--image-size", type=int, default=IMAGE, help="image side; latents are half of it")
-    parser.add_argument("--unet-channels", default=",".join(map(str, UNET["block_out_channels"])),
+    parser.add_argument("--unet-channels", default=",".join(map(str, UNET_CHANNELS)),
                         help="UNet channels per level (multiples of 32), e.g. 32,32 for a quick smoke run")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--json-out", help="also write the raw results here")

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import FAST_COMPILE_FLAGS
+from tiny import FAST_COMPILE_FLAGS
 
 from sdjax import checkpoint as checkpoint_lib
 from sdjax import config as config_lib
