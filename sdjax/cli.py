@@ -33,6 +33,7 @@ commands:
            [--merge-lora])
   eval-demo
            does a demo run draw what its held-out prompts say? accuracy per attribute: --workdir DIR
+           (a VAE run's workdir: are the shapes kept in its reconstructions?)
            [--num-images 8] [--scheduler ddim] [--steps N] [--guidance G] [--seed S] [--out grid.png] [--noema]
 
 `sdjax <command> --help` lists a command's flags."""
@@ -244,9 +245,11 @@ def _eval_demo(argv: list[str]) -> int:
     from sdjax.config import SCHEDULERS
 
     fv = flags.FlagValues()
-    flags.DEFINE_string("workdir", None, "A `sdjax train` workdir of the demo (data.source=demo).", flag_values=fv)
+    flags.DEFINE_string("workdir", None, "A `sdjax train` workdir of the demo (data.source=demo); a `sdjax "
+                        "train-vae` one: its reconstructions are scored.", flag_values=fv)
     flags.DEFINE_integer("step", None, "That checkpoint step instead of the newest.", flag_values=fv)
-    flags.DEFINE_integer("num_images", 8, "Images per held-out prompt.", flag_values=fv)
+    flags.DEFINE_integer("num_images", 8, "Images per held-out prompt (a VAE run: scenes per shape).",
+                         flag_values=fv)
     flags.DEFINE_enum("scheduler", None, SCHEDULERS, "Sampling scheduler (default: the run's sample.scheduler).",
                       flag_values=fv)
     flags.DEFINE_integer("steps", None, "Denoising steps (default: the run's sample.steps).", flag_values=fv)
@@ -255,7 +258,8 @@ def _eval_demo(argv: list[str]) -> int:
     flags.DEFINE_boolean("ema", True, "Score the run's EMA UNet weights when it kept them (--noema: the raw ones).",
                          flag_values=fv)
     flags.DEFINE_string("out", None, "Also write the scored images as a grid PNG (rows: the held-out "
-                        "prompts, then their seen counterparts).", flag_values=fv)
+                        "prompts, then their seen counterparts; a VAE run: circles, squares, triangles).",
+                        flag_values=fv)
     flags.mark_flags_as_required(["workdir"], flag_values=fv)
     _parse(fv, _dashes_to_underscores(argv))
 

@@ -11,6 +11,11 @@ Beside each held-out prompt, its seen counterpart (`seen_counterpart`: the same 
 background, a caption the train split does show) is sampled and scored the same way, under `"seen"`: the
 difference between the two is what the run draws for captions it was trained on and what it makes of new
 combinations of the same words.
+
+A VAE run (`sdjax train-vae`, the demo's first stage) has nothing to sample: for it, `num_images` scenes of
+the eval split, each drawn as every shape, are reconstructed and scored the same way, also per shape (under
+`"per_shape"`): what the latents lose, the UNet stage cannot draw (a VAE that rounds the squares' corners
+caps the UNet's squares).
 """
 
 from __future__ import annotations
@@ -21,9 +26,11 @@ import jax
 import ml_collections
 import numpy as np
 
+from sdjax import checkpoint as checkpoint_lib
 from sdjax import mesh as mesh_lib
 from sdjax import models as models_lib
 from sdjax import sample as sample_lib
+from sdjax import vae as vae_lib
 from sdjax.data import shapes
 
 ATTRIBUTES = ("background", "foreground", "shape")
@@ -58,15 +65,52 @@ def accuracy(images: np.ndarray, prompts: list[str]) -> dict[str, float]:
     return result
 
 
+def reconstruction_scenes(seed: int, num_images: int) -> list[shapes.ShapeScene]:
+    """`num_images` scenes of each shape, in shapes.SHAPES' order: the first `num_images` scenes of the demo
+    dataset `seed`, each drawn as every shape (same colours, centre and size)."""
+    scenes = [shapes.scene_for(seed, index) for index in range(num_images)]
+    return [dataclasses.replace(scene, shape=shape) for shape in shapes.SHAPES for scene in scenes]
+
+
+def score_reconstructions(reconstruct, resolution: int, num_images: int, seed: int = 0) -> tuple[dict, np.ndarray]:
+    """(accuracy per attribute, overall and per shape, the reconstructions) of `reconstruct(uint8 images
+    [N, H, W, 3]) -> uint8 images` on `reconstruction_scenes`."""
+    scenes = reconstruction_scenes(seed, num_images)
+    images = np.asarray(reconstruct(np.stack([shapes.render(scene, resolution) for scene in scenes])))
+    captions = [scene.caption for scene in scenes]
+    rows = [slice(i * num_images, (i + 1) * num_images) for i in range(len(shapes.SHAPES))]
+    per_shape = {shape: accuracy(images[row], captions[row]) for shape, row in zip(shapes.SHAPES, rows)}
+    return {**accuracy(images, captions), "images": len(scenes), "per_shape": per_shape}, images
+
+
+def evaluate_vae(config: ml_collections.ConfigDict, params: dict, step: int, num_images: int, seed: int,
+                 out: str | None) -> dict:
+    """The report of a VAE run: its reconstructions of generated scenes, scored (see module doc)."""
+    models = models_lib.build_models(config)
+    reconstruct_pixels = jax.jit(lambda params, pixels: vae_lib.reconstruct(models, params, pixels))
+
+    def reconstruct(images):
+        return sample_lib.to_uint8(reconstruct_pixels(params, images.astype(np.float32) / 127.5 - 1))
+
+    # the eval split's scenes (its seed is the train split's + 1: data/sources.py); --seed picks others
+    scene_seed = config.data.demo_seed + 1 + seed
+    report, images = score_reconstructions(reconstruct, config.data.resolution, num_images, scene_seed)
+    if out and jax.process_index() == 0:  # rows: circles, squares, triangles
+        sample_lib.save_png(out, sample_lib.image_grid(images, num_images))
+    return {"step": step, "reconstructions": True, **report}
+
+
 def evaluate(workdir: str, step: int | None = None, num_images: int = 8, scheduler: str | None = None,
              num_steps: int | None = None, guidance: float | None = None, seed: int = 0,
              out: str | None = None, use_ema: bool = True) -> dict:
     if num_images < 1:
         raise ValueError(f"--num-images={num_images}: expected at least 1")
-    config, params, step = sample_lib.load_for_sampling(workdir, step, use_ema=use_ema)
+    config, params, step = checkpoint_lib.load_params_for_inference(workdir, step, use_ema=use_ema)
     if config.data.source != "demo":
         raise NotADemoRunError(f"{workdir} trained on data.source={config.data.source!r}: eval-demo scores runs "
                                "on the built-in demo dataset (data.source=demo)")
+    if config.train.get("stage", "unet") == "vae":
+        return evaluate_vae(config, params, step, num_images, seed, out)
     prompts = held_out_prompts(config)
     seen = [seen_counterpart(prompt, frozenset(prompts)) for prompt in prompts]
     scheduler = scheduler or config.sample.scheduler

@@ -1,6 +1,8 @@
 """The demo dataset's held-out captions and the scorer `sdjax eval-demo` uses: it recognises what the generator
 draws, and only that."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -65,3 +67,22 @@ def test_seen_counterpart_keeps_the_words_and_changes_the_background_to_a_traine
     everything = {f"a red circle on a {c} background" for c in shapes.COLOURS if c != "red"}
     with pytest.raises(ValueError, match="every background"):
         demo_eval.seen_counterpart("a red circle on a blue background", everything)
+
+
+def test_reconstruction_scores_count_what_the_reconstruction_keeps_per_shape():
+    def identity(images):
+        return images
+
+    report, images = demo_eval.score_reconstructions(identity, 32, num_images=4)
+    assert report["images"] == 12 and images.shape == (12, 32, 32, 3)
+    assert report["all"] == 1.0 and all(r["all"] == 1.0 for r in report["per_shape"].values())
+
+    def squares_as_circles(images):  # a VAE that rounds every square into a circle of the same colours
+        scenes = demo_eval.reconstruction_scenes(0, 4)
+        return np.stack([shapes.render(dataclasses.replace(s, shape="circle") if s.shape == "square" else s, 32)
+                         for s in scenes])
+
+    report, _ = demo_eval.score_reconstructions(squares_as_circles, 32, num_images=4)
+    assert report["per_shape"]["square"] == {"background": 1.0, "foreground": 1.0, "shape": 0.0, "all": 0.0}
+    assert report["per_shape"]["circle"]["shape"] == report["per_shape"]["triangle"]["shape"] == 1.0
+    assert report["shape"] == pytest.approx(2 / 3)

@@ -105,6 +105,20 @@ def test_eval_demo_prints_an_accuracy_in_0_1_per_attribute(two_stage_run, capsys
 
 
 @pytest.mark.slow
+def test_eval_demo_of_the_vae_run_scores_its_reconstructions_per_shape(two_stage_run, capsys, tmp_path):
+    _, workdir, _ = two_stage_run
+    grid = tmp_path / "reconstructions.png"
+    assert cli.main(["sdjax", "eval-demo", f"--workdir={os.path.join(workdir, 'vae')}", "--num-images=2",
+                     f"--out={grid}"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["reconstructions"] is True and report["step"] == 30 and report["images"] == 6
+    assert set(report["per_shape"]) == set(shapes.SHAPES)
+    for scores in [report, *report["per_shape"].values()]:
+        assert all(0 <= scores[k] <= 1 for k in ("background", "foreground", "shape", "all")), scores
+    assert grid.stat().st_size > 0
+
+
+@pytest.mark.slow
 def test_exported_vae_loads_in_pytorch_and_reconstructs_as_flax(two_stage_run, tmp_path):
     from diffusers import AutoencoderKL
     _, workdir, _ = two_stage_run
