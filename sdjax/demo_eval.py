@@ -32,6 +32,7 @@ from sdjax import models as models_lib
 from sdjax import sample as sample_lib
 from sdjax import vae as vae_lib
 from sdjax.data import shapes
+from sdjax.data.preprocess import to_pixels
 
 ATTRIBUTES = ("background", "foreground", "shape")
 
@@ -90,7 +91,7 @@ def evaluate_vae(config: ml_collections.ConfigDict, params: dict, step: int, num
     reconstruct_pixels = jax.jit(lambda params, pixels: vae_lib.reconstruct(models, params, pixels))
 
     def reconstruct(images):
-        return sample_lib.to_uint8(reconstruct_pixels(params, images.astype(np.float32) / 127.5 - 1))
+        return sample_lib.to_uint8(reconstruct_pixels(params, to_pixels(images)))
 
     # the eval split's scenes (its seed is the train split's + 1: data/sources.py); --seed picks others
     scene_seed = config.data.demo_seed + 1 + seed
