@@ -493,20 +493,44 @@ def validate_against_models(config: ml_collections.ConfigDict, models) -> None:
     if models.latent_channels != unet.in_channels:
         raise ConfigError("model.unet.in_channels", unet.in_channels,
                           f"expected the VAE's latent_channels ({models.latent_channels})")
-    if models.text_encoder_config.hidden_size != unet.cross_attention_dim:
-        raise ConfigError("model.unet.cross_attention_dim", unet.cross_attention_dim,
-                          f"expected the text encoder's hidden_size ({models.text_encoder_config.hidden_size})")
-    if models.text_encoder_config.vocab_size < len(models.tokenizer):
-        raise ConfigError("model.text_encoder.vocab_size", models.text_encoder_config.vocab_size,
-                          f"expected at least the tokenizer's {len(models.tokenizer)} tokens")
-    if config.data.max_length > models.text_encoder_config.max_position_embeddings:
-        raise ConfigError("data.max_length", config.data.max_length,
-                          f"expected at most model.text_encoder.max_position_embeddings "
-                          f"({models.text_encoder_config.max_position_embeddings})")
+    _validate_text_conditioning(config, models)
     for channels in list(unet.block_out_channels):
         if channels % 32:
             raise ConfigError("model.unet.block_out_channels", tuple(unet.block_out_channels),
                               "diffusers' Flax UNet uses GroupNorm(32): every entry must be a multiple of 32")
+
+
+def _validate_text_conditioning(config: ml_collections.ConfigDict, models) -> None:
+    """The UNet takes what the text encoder(s) give: their hidden states' width, and SDXL's pooled projection
+    and micro-conditioning; the tokenizer(s) fit the encoders' vocabularies and positions."""
+    unet = models.unet
+    encoders = {"model.text_encoder": (models.text_encoder_config, models.tokenizer)}
+    if models.sdxl:
+        encoders = {"model.text_encoder": (models.text_encoder_config, models.tokenizer.first),
+                    "model.text_encoder_2": (models.text_encoder_2_config, models.tokenizer.second)}
+    widths = [encoder.hidden_size for encoder, _ in encoders.values()]
+    if sum(widths) != unet.cross_attention_dim:
+        expected = (f"the text encoder's hidden_size ({widths[0]})" if len(widths) == 1 else
+                    f"the text encoders' hidden sizes together ({sum(widths)}: {' + '.join(map(str, widths))})")
+        raise ConfigError("model.unet.cross_attention_dim", unet.cross_attention_dim, f"expected {expected}")
+    if (unet.addition_embed_type == "text_time") != models.sdxl:
+        raise ConfigError("model.unet.addition_embed_type", unet.addition_embed_type,
+                          "expected 'text_time' (SDXL's) exactly when there is a second text encoder "
+                          "(model.text_encoder_2, or text_encoder_2/ in model.pretrained)")
+    if models.sdxl:
+        # the pooled text projection and the 6 micro-conditioning numbers, each embedded in addition_time_embed_dim
+        pooled = models.text_encoder_2_config.projection_dim + 6 * unet.addition_time_embed_dim
+        if unet.projection_class_embeddings_input_dim != pooled:
+            raise ConfigError("model.unet.projection_class_embeddings_input_dim",
+                              unet.projection_class_embeddings_input_dim,
+                              f"expected model.text_encoder_2.projection_dim + 6 x addition_time_embed_dim ({pooled})")
+    for key, (encoder, tokenizer) in encoders.items():
+        if encoder.vocab_size < len(tokenizer):
+            raise ConfigError(f"{key}.vocab_size", encoder.vocab_size,
+                              f"expected at least the tokenizer's {len(tokenizer)} tokens")
+        if config.data.max_length > encoder.max_position_embeddings:
+            raise ConfigError("data.max_length", config.data.max_length,
+                              f"expected at most {key}.max_position_embeddings ({encoder.max_position_embeddings})")
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:

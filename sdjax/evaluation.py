@@ -40,14 +40,14 @@ def batch_loss(models: models_lib.Models, config: ml_collections.ConfigDict, num
     batch_size = batch["input_ids"].shape[0]
     latent_key, noise_key = jax.random.split(jax.random.fold_in(jax.random.key(EVAL_SEED), batch_index))
     latents = models_lib.encode_images(models, params["vae"], batch["pixel_values"], latent_key).astype(jnp.float32)
-    text_embeddings = models_lib.encode_text(models, params["text_encoder"], batch["input_ids"])
+    conditioning = models_lib.batch_conditioning(models, params, batch)
     noise = jax.random.normal(noise_key, latents.shape, jnp.float32)
     timesteps = fixed_timesteps(batch_index * batch_size, batch_size, num_examples,
                                 config.diffusion.num_train_timesteps)
     noisy_latents = noise_lib.add_noise(scheduler, scheduler_state, latents, noise, timesteps)
     target = noise_lib.training_target(scheduler, scheduler_state, latents, noise, timesteps,
                                        config.diffusion.prediction_type)
-    prediction = models_lib.predict_noise(models, params["unet"], noisy_latents, timesteps, text_embeddings)
+    prediction = models_lib.predict_noise(models, params["unet"], noisy_latents, timesteps, **conditioning)
     return jnp.mean(jnp.square(prediction.astype(jnp.float32) - target))
 
 

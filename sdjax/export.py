@@ -6,11 +6,13 @@
     OUT/text_encoder/     config.json + model.safetensors                    (flax: flax_model.msgpack)
     OUT/tokenizer/        the run's CLIP tokenizer
     OUT/scheduler/        scheduler_config.json: PNDM (Stable Diffusion's own) over the run's `diffusion.*`
+    SDXL runs also: OUT/text_encoder_2/ (CLIPTextModelWithProjection) and OUT/tokenizer_2/
 
-`StableDiffusionPipeline.from_pretrained(OUT)` loads the PyTorch folder. A LoRA run (`lora.rank > 0`) exports
-OUT/pytorch_lora_weights.safetensors instead, for `pipe.load_lora_weights(OUT)` (see `export`), or with
-`--merge_lora` the folder above with the adapters merged into the weights. No torch and no accelerator are
-needed: weights go from the checkpoint to numpy to safetensors. Only params are read (no optimizer state),
+`StableDiffusionPipeline.from_pretrained(OUT)` loads the PyTorch folder (SDXL: `StableDiffusionXLPipeline`).
+A LoRA run (`lora.rank > 0`) exports OUT/pytorch_lora_weights.safetensors instead, for
+`pipe.load_lora_weights(OUT)` (see `export`), or with `--merge_lora` the folder above with the adapters merged
+into the weights. No torch and no accelerator are needed: weights go from the checkpoint to numpy to
+safetensors. Only params are read (no optimizer state),
 and one component is converted and written at a time, its Flax arrays freed as they are converted: for SD 1.5
 the peak is the params (~4.3 GB fp32) plus one converted UNet (~3.4 GB).
 The folder is written as OUT.partial and renamed to OUT at the end, so an OUT folder is always complete.
@@ -41,12 +43,18 @@ FORMATS = ("pytorch", "flax")
 _CLASSES = {
     "pytorch": {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
                 "text_encoder": ("transformers", "CLIPTextModel"), "tokenizer": ("transformers", "CLIPTokenizer"),
-                "scheduler": ("diffusers", "PNDMScheduler")},
+                "scheduler": ("diffusers", "PNDMScheduler"),
+                "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
+                "tokenizer_2": ("transformers", "CLIPTokenizer")},
     "flax": {"unet": ("diffusers", "FlaxUNet2DConditionModel"), "vae": ("diffusers", "FlaxAutoencoderKL"),
              "text_encoder": ("transformers", "FlaxCLIPTextModel"), "tokenizer": ("transformers", "CLIPTokenizer"),
-             "scheduler": ("diffusers", "FlaxPNDMScheduler")},
+             "scheduler": ("diffusers", "FlaxPNDMScheduler"),
+             "text_encoder_2": ("transformers", "FlaxCLIPTextModelWithProjection"),
+             "tokenizer_2": ("transformers", "CLIPTokenizer")},
 }
-_PIPELINES = {"pytorch": "StableDiffusionPipeline", "flax": "FlaxStableDiffusionPipeline"}
+_SDXL_ONLY = ("text_encoder_2", "tokenizer_2")
+_PIPELINES = {("pytorch", False): "StableDiffusionPipeline", ("flax", False): "FlaxStableDiffusionPipeline",
+              ("pytorch", True): "StableDiffusionXLPipeline", ("flax", True): "FlaxStableDiffusionXLPipeline"}
 _WEIGHT_FILES = {
     ("pytorch", "diffusers"): "diffusion_pytorch_model.safetensors", ("pytorch", "transformers"): "model.safetensors",
     ("flax", "diffusers"): "diffusion_flax_model.msgpack", ("flax", "transformers"): "flax_model.msgpack",
@@ -70,17 +78,23 @@ class ExportResult:
     pipeline: bool = True  # whether OUT holds a whole diffusers pipeline folder
 
 
-def model_index(fmt: str) -> dict:
+def model_index(fmt: str, sdxl: bool = False) -> dict:
     """The pipeline's components. The Flax pipeline has no `requires_safety_checker` and wants the two absent
     components passed: `FlaxStableDiffusionPipeline.from_pretrained(OUT, safety_checker=None,
-    feature_extractor=None)`."""
+    feature_extractor=None)`. SDXL's pipelines have no safety checker; the PyTorch one is told to encode an
+    empty negative prompt as sdjax's sampler does (and as the caption dropout trained it), not to zero it."""
     index = {
-        "_class_name": _PIPELINES[fmt],
+        "_class_name": _PIPELINES[fmt, sdxl],
         "_diffusers_version": importlib.metadata.version("diffusers"),
-        **{name: list(library_and_class) for name, library_and_class in _CLASSES[fmt].items()},
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
+        **{name: list(library_and_class) for name, library_and_class in _CLASSES[fmt].items()
+           if sdxl or name not in _SDXL_ONLY},
     }
+    if sdxl:
+        if fmt == "pytorch":
+            index.update(image_encoder=[None, None], feature_extractor=[None, None],
+                         force_zeros_for_empty_prompt=False)
+        return index
+    index.update(safety_checker=[None, None], feature_extractor=[None, None])
     if fmt == "pytorch":
         index["requires_safety_checker"] = False  # else diffusers warns that the safety checker is off
     return index
@@ -165,16 +179,22 @@ def _write_pipeline(partial: str, config: ml_collections.ConfigDict, params: dic
         _write_json(os.path.join(folder, "config.json"),
                     pytorch_export.diffusers_model_config(getattr(models, name), classes[name][1]))
         _write_weights(folder, params.pop(name), fmt, "diffusers")
-    folder = os.path.join(partial, "text_encoder")
-    text_config = copy.deepcopy(models.text_encoder_config)
-    text_config.architectures = [classes["text_encoder"][1]]
-    text_config.save_pretrained(folder)
-    _write_weights(folder, params.pop("text_encoder"), fmt, "transformers")
-    models.tokenizer.save_pretrained(os.path.join(partial, "tokenizer"))
+    text_encoders = [("text_encoder", models.text_encoder_config, "tokenizer")]
+    tokenizers = {"tokenizer": models.tokenizer}
+    if models.sdxl:
+        text_encoders.append((models_lib.TEXT_ENCODER_2, models.text_encoder_2_config, "tokenizer_2"))
+        tokenizers = {"tokenizer": models.tokenizer.first, "tokenizer_2": models.tokenizer.second}
+    for name, text_config, tokenizer_name in text_encoders:
+        folder = os.path.join(partial, name)
+        text_config = copy.deepcopy(text_config)
+        text_config.architectures = [classes[name][1]]
+        text_config.save_pretrained(folder)
+        _write_weights(folder, params.pop(name), fmt, "transformers")
+        tokenizers[tokenizer_name].save_pretrained(os.path.join(partial, tokenizer_name))
     os.makedirs(os.path.join(partial, "scheduler"))
     _write_json(os.path.join(partial, "scheduler", "scheduler_config.json"),
                 scheduler_config(config, classes["scheduler"][1]))
-    _write_json(os.path.join(partial, "model_index.json"), model_index(fmt))
+    _write_json(os.path.join(partial, "model_index.json"), model_index(fmt, models.sdxl))
 
 
 def export_vae(loaded: checkpoint_lib.InferenceCheckpoint, workdir: str, out: str, fmt: str) -> ExportResult:

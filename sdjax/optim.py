@@ -52,10 +52,10 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     text_config = config.copy_and_resolve_references()
     text_config.optimizer.learning_rate = opt.text_encoder_learning_rate or opt.learning_rate
     text_update = _optimizer(text_config, make_lr_schedule(text_config))
-    # Labels by component: a prefix of the params tree {"unet": ..., "text_encoder": ...}.
+    # Labels by component: a prefix of the params tree {"unet": ..., "text_encoder": ... (SDXL: "text_encoder_2")}.
     return optax.chain(*clip, optax.multi_transform(
         {"unet": optax.chain(*update), "text_encoder": optax.chain(*text_update)},
-        lambda params: {name: "text_encoder" if name == "text_encoder" else "unet" for name in params}))
+        lambda params: {name: "text_encoder" if name.startswith("text_encoder") else "unet" for name in params}))
 
 
 def _optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule) -> list[optax.GradientTransformation]:

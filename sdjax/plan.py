@@ -188,7 +188,9 @@ def _abstract_inputs(models, config, tx, mesh):
     b, r = config.train.batch_size, config.data.resolution
     batch = {
         "pixel_values": jax.ShapeDtypeStruct((b, r, r, 3), jnp.float32, sharding=batch_sharding),
-        "input_ids": jax.ShapeDtypeStruct((b, config.data.max_length), jnp.int32, sharding=batch_sharding),
+        "input_ids": jax.ShapeDtypeStruct((b, *models_lib.token_ids_shape(models, config.data.max_length)), jnp.int32,
+                                          sharding=batch_sharding),
+        "time_ids": jax.ShapeDtypeStruct((b, models_lib.SDXL_TIME_IDS), jnp.float32, sharding=batch_sharding),
     }
     rng = jax.eval_shape(lambda: jax.random.key(0))
     return state, shardings, batch, rng

@@ -1,6 +1,6 @@
 """Text -> images with classifier-free guidance: one compiled denoising loop, sharded over the mesh.
 
-    prompts -> CLIP text encoder (prompt and negative prompt) -> noise latents (one key per image)
+    prompts -> CLIP text encoder(s) (prompt and negative prompt) -> noise latents (one key per image)
       -> fori_loop over the scheduler's steps: one UNet call on [unconditional, conditional] pairs
          -> guidance -> scheduler step
       -> latents / VAE scaling factor -> VAE decode -> uint8 images
@@ -59,8 +59,8 @@ def generate(models: models_lib.Models, config: ml_collections.ConfigDict, sched
              resolution: int, batch_sharding, params: dict, prompt_ids: jax.Array, negative_ids: jax.Array,
              image_indices: jax.Array, seed: jax.Array, guidance: jax.Array) -> jax.Array:
     """The traced sampler: uint8 images [B, resolution, resolution, 3] for B prompts (see module doc)."""
-    context = interleave_pairs(models_lib.encode_text(models, params["text_encoder"], negative_ids),
-                               models_lib.encode_text(models, params["text_encoder"], prompt_ids))
+    conditioning = jax.tree.map(interleave_pairs, models_lib.text_conditioning(models, params, negative_ids),
+                                models_lib.text_conditioning(models, params, prompt_ids))
     image_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), image_indices)
     split_keys = jax.vmap(jax.random.split)(image_keys)
     noise_keys, step_keys = split_keys[:, 0], split_keys[:, 1]
@@ -77,7 +77,7 @@ def generate(models: models_lib.Models, config: ml_collections.ConfigDict, sched
         model_input = schedule.scale_model_input(state, latents, i)
         paired_input = interleave_pairs(model_input, model_input)
         prediction = models_lib.predict_noise(models, params["unet"], paired_input,
-                                              jnp.full((paired_input.shape[0],), t), context)
+                                              jnp.full((paired_input.shape[0],), t), **conditioning)
         uncond, cond = split_pairs(prediction.astype(jnp.float32))  # the scheduler computes in float32
         guided = classifier_free_guidance(uncond, cond, guidance)
         latents, state = schedule.step(state, guided, i, latents, step_keys)

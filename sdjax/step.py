@@ -1,8 +1,9 @@
 """The train state and the train step: one pure function, compiled once over the mesh.
 
-A batch {pixel_values [B,H,W,3] in [-1,1], input_ids [B,77]} becomes a loss like this:
+A batch {pixel_values [B,H,W,3] in [-1,1], input_ids [B,77], time_ids [B,6]} becomes a loss like this:
   frozen VAE encode -> latents x scaling factor (or, from a latent cache, {latent_mean, latent_std} sampled
-  with the same rng); frozen CLIP text encoder -> text embeddings;
+  with the same rng); frozen CLIP text encoder -> text embeddings (SDXL: two encoders, their pooled
+  projection, and time_ids: each image's size and crop);
   noise + random timesteps -> noisy latents (DDPM forward process);
   UNet predicts epsilon (or v) -> MSE in float32 -> grads of the trainable params -> optax update.
 Compute runs in the models' dtype (bf16 by default); params and optimizer state stay float32.
@@ -37,7 +38,7 @@ def stage_components(config: ml_collections.ConfigDict) -> tuple[tuple[str, ...]
     if config.train.get("stage", "unet") == "vae":
         perceptual = (models_lib.PERCEPTUAL,) if config.vae_train.get("perceptual_weight", 0) > 0 else ()
         return trainable, trainable + perceptual
-    return trainable, models_lib.COMPONENTS
+    return trainable, models_lib.components(config)
 
 
 @flax.struct.dataclass
@@ -53,12 +54,14 @@ class TrainState:
 
 def trainable_components(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     """What the optimizer updates: the VAE stage's VAE (and discriminator); the LoRA adapters alone; or the
-    UNet (and the text encoder if asked)."""
+    UNet (and the text encoder, SDXL's both, if asked)."""
     if config.train.get("stage", "unet") == "vae":
         return ("vae",) + ((models_lib.DISCRIMINATOR,) if config.vae_train.get("gan_weight", 0) > 0 else ())
     if lora_lib.enabled(config):
         return (lora_lib.COMPONENT,)
-    return TRAINABLE + (("text_encoder",) if config.train.train_text_encoder else ())
+    text_encoders = ("text_encoder", models_lib.TEXT_ENCODER_2)  # SDXL's both
+    return TRAINABLE + tuple(c for c in models_lib.components(config)
+                             if c in text_encoders and config.train.train_text_encoder)
 
 
 def frozen_dtype(config: ml_collections.ConfigDict):
@@ -148,7 +151,7 @@ def make_example_losses(models: models_lib.Models, config: ml_collections.Config
             latent_mean, latent_std = models_lib.image_latent_moments(models, params["vae"], batch["pixel_values"])
         latents = jax.vmap(lambda mean, std, k: models_lib.sample_latents(models, mean[None], std[None], k)[0])(
             latent_mean, latent_std, latent_rngs)
-        text_embeddings = models_lib.encode_text(models, params["text_encoder"], batch["input_ids"])
+        conditioning = models_lib.batch_conditioning(models, params, batch)
         noise = jax.vmap(lambda k: noise_lib.training_noise(k, latents.shape[1:], loss.noise_offset))(noise_rngs)
         input_noise = jax.vmap(lambda k, n: noise_lib.perturbed_noise(k, n, loss.input_perturbation))(
             noise_rngs, noise)
@@ -157,7 +160,7 @@ def make_example_losses(models: models_lib.Models, config: ml_collections.Config
         noisy_latents = noise_lib.add_noise(scheduler, scheduler_state, latents, input_noise, timesteps)
         target = noise_lib.training_target(scheduler, scheduler_state, latents, noise, timesteps, prediction_type)
         with remat_lib.remat_unet_blocks(config.train.remat):
-            prediction = models_lib.predict_noise(models, params["unet"], noisy_latents, timesteps, text_embeddings)
+            prediction = models_lib.predict_noise(models, params["unet"], noisy_latents, timesteps, **conditioning)
         losses = jnp.mean(jnp.square(prediction.astype(jnp.float32) - target), axis=tuple(range(1, target.ndim)))
         if loss.snr_gamma:
             losses = losses * noise_lib.min_snr_weights(scheduler_state, timesteps, loss.snr_gamma, prediction_type)

@@ -4,24 +4,31 @@ import os
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+from sdjax.models import text_encoder_config
 from sdjax.models.tokenizer import builtin_tokenizer
 
 
 def write_pytorch_folder(config, path: str, seed: int = 0) -> dict:
-    """Random-init PyTorch UNet/VAE/text encoder for `config.model`, saved in diffusers layout."""
+    """Random-init PyTorch UNet/VAE/text encoder(s) for `config.model`, saved in diffusers layout (SDXL's when
+    the config has a model.text_encoder_2)."""
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**config.model.unet.to_dict()).eval()
-    vae = AutoencoderKL(**config.model.vae.to_dict()).eval()
-    text_encoder = CLIPTextModel(CLIPTextConfig(**config.model.text_encoder.to_dict())).eval()
+    tokenizer = builtin_tokenizer(config.data.max_length)
+    modules = {"unet": UNet2DConditionModel(**config.model.unet.to_dict()),
+               "vae": AutoencoderKL(**config.model.vae.to_dict()),
+               "text_encoder": CLIPTextModel(text_encoder_config(config.model.text_encoder, tokenizer))}
+    tokenizers = ("tokenizer",)
+    if config.model.get("text_encoder_2"):
+        modules["text_encoder_2"] = CLIPTextModelWithProjection(
+            text_encoder_config(config.model.text_encoder_2, tokenizer))
+        tokenizers += ("tokenizer_2",)
     # Non-zero everywhere, so a weight that is dropped or transposed wrongly shows in the outputs.
     with torch.no_grad():
-        for module in (unet, vae, text_encoder):
+        for name, module in modules.items():
             for p in module.parameters():
                 p.add_(0.02 * torch.randn_like(p))
-    unet.save_pretrained(os.path.join(path, "unet"))
-    vae.save_pretrained(os.path.join(path, "vae"))
-    text_encoder.save_pretrained(os.path.join(path, "text_encoder"))
-    builtin_tokenizer(config.data.max_length).save_pretrained(os.path.join(path, "tokenizer"))
-    return {"unet": unet, "vae": vae, "text_encoder": text_encoder}
+            module.eval().save_pretrained(os.path.join(path, name))
+    for name in tokenizers:
+        tokenizer.save_pretrained(os.path.join(path, name))
+    return modules

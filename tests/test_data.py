@@ -2,6 +2,7 @@
 resumable; bad records are replaced, counted, and only an all-bad source (or too many bad) fails."""
 
 import io
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from PIL import Image
 from data_fixtures import caption, image_bytes, write_imagefolder, write_shards, write_tfds
 from sdjax import data as data_lib
 from sdjax.data import buckets, records, webdataset
-from sdjax.data.preprocess import choose_caption, resize_and_crop, tokenize
+from sdjax.data.preprocess import choose_caption, random_flip, resize_and_crop, to_model_inputs, tokenize
 from sdjax.models.tokenizer import builtin_tokenizer
 
 NUM_RECORDS = 24
@@ -160,6 +161,28 @@ def test_random_crop_depends_on_rng_only():
     again = np.asarray(resize_and_crop({"image": image}, 16, np.random.default_rng(0))["image"])
     assert np.array_equal(crops[0], again)
     assert len({c.tobytes() for c in crops}) > 1
+
+
+def test_crop_coordinates_are_sdxls_micro_conditioning_also_after_a_flip(tokenizer):
+    # A horizontal ramp, 20 x 60: scaled to 16 x 48, a random 16 x 16 crop at `left` shows scaled columns
+    # left..left+15; the flipped crop is the crop at 32 - left of the mirrored scaled image.
+    image = np.broadcast_to(np.linspace(0, 255, 60, dtype=np.float32)[None, :, None], (20, 60, 3)).astype(np.uint8)
+    scaled = np.asarray(Image.fromarray(image).resize((48, 16), Image.Resampling.BICUBIC), np.float32)
+    lefts = set()
+    for seed in range(8):
+        record = resize_and_crop({"image": image, "caption": "a"}, 16, np.random.default_rng(seed))
+        crop = record["crop"]
+        assert (crop.original_height, crop.original_width, crop.top, crop.max_left) == (20, 60, 0, 32)
+        np.testing.assert_allclose(np.asarray(record["image"], np.float32), scaled[:, crop.left:crop.left + 16], atol=3)
+        flipped = random_flip(record, SimpleNamespace(random=lambda: 0.0))  # an rng draw below 0.5: flipped
+        mirrored = scaled[:, ::-1]
+        left = flipped["crop"].left
+        assert left == 32 - crop.left
+        np.testing.assert_allclose(np.asarray(flipped["image"], np.float32), mirrored[:, left:left + 16], atol=3)
+        inputs = to_model_inputs(flipped, tokenizer, 8)
+        np.testing.assert_array_equal(inputs["time_ids"], [20, 60, 0, left, 16, 16])
+        lefts.add(crop.left)
+    assert len(lefts) > 1
 
 
 def test_one_caption_of_several_picked_by_rng():

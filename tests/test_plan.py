@@ -114,10 +114,13 @@ def test_unknown_topology_is_a_clear_error(plan_config):
 
 
 # Published parameter counts: SD 1.5 UNet ~860M, VAE ~84M, CLIP ViT-L/14 text ~123M; SD 2.1 UNet ~866M,
-# OpenCLIP ViT-H/14 text ~340M. Exact values are what diffusers/transformers build for these configs.
+# OpenCLIP ViT-H/14 text ~340M; SDXL UNet ~2.6B, OpenCLIP ViT-bigG/14 text with projection ~695M. Exact values
+# are what diffusers/transformers build for these configs.
 @pytest.mark.parametrize("name,expected", [
     ("sd15", {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}),
     ("sd21", {"unet": 865_910_724, "vae": 83_653_863, "text_encoder": 340_387_840}),
+    ("sdxl", {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480,
+              "text_encoder_2": 694_659_840}),
 ])
 def test_real_configs_have_published_parameter_counts(name, expected):
     from tiny import load_config_file

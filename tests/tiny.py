@@ -45,6 +45,20 @@ def tiny_config():
     return c
 
 
+def tiny_sdxl_config():
+    """tiny_config in SDXL's form (configs/sdxl.py): a second, projecting text encoder, the UNet's cross-
+    attention over both encoders' hidden states (64 + 32 wide), its "text_time" embedding of the pooled
+    projection and the micro-conditioning."""
+    import ml_collections
+    c = tiny_config()
+    c.model.text_encoder_2 = ml_collections.ConfigDict(dict(
+        vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+        hidden_act="gelu", projection_dim=24))
+    c.model.unet.update(cross_attention_dim=64 + 32, addition_embed_type="text_time", addition_time_embed_dim=8,
+                        projection_class_embeddings_input_dim=24 + 6 * 8)
+    return c
+
+
 DEMO_UNET_TRAINING = ("diffusion.prediction_type", "loss.snr_gamma", "train.train_text_encoder")
 
 

@@ -23,16 +23,18 @@ from sdjax._deprecations import silence_flax_deprecation_notices
 silence_flax_deprecation_notices()  # before the imports: diffusers logs the notice in class bodies
 
 from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel, FlaxCLIPTextModelWithProjection  # noqa: E402
 
 from sdjax.models import attention as attention_lib, noise, pytorch_weights  # noqa: E402
 from sdjax.models import discriminator as discriminator_lib, lpips as lpips_lib  # noqa: E402
-from sdjax.models.tokenizer import builtin_tokenizer  # noqa: E402
+from sdjax.models.tokenizer import TokenizerPair, builtin_tokenizer  # noqa: E402
 
 silence_flax_deprecation_notices()  # and after: now on the loggers those imports created
 
 Params = Any
 COMPONENTS = ("unet", "vae", "text_encoder")
+# SDXL's second text encoder (OpenCLIP ViT-bigG with its projection), beside COMPONENTS in an SDXL model.
+TEXT_ENCODER_2 = "text_encoder_2"
 # The VAE stage's loss networks (sdjax/vae.py), present only when its config asks for their loss terms: the
 # patch-GAN discriminator is trained beside the VAE; LPIPS's VGG is frozen and read from a file.
 DISCRIMINATOR, PERCEPTUAL = "discriminator", "perceptual"
@@ -48,10 +50,21 @@ class Models:
     vae: FlaxAutoencoderKL
     text_encoder: Any  # transformers' FlaxCLIPTextModule (a linen module)
     text_encoder_config: CLIPTextConfig
-    tokenizer: CLIPTokenizer
+    tokenizer: CLIPTokenizer | TokenizerPair  # SDXL: both tokenizers as one (their ids side by side)
     attention: str = "default"  # model.attention (sdjax/models/attention.py)
     discriminator: discriminator_lib.PatchDiscriminator | None = None  # vae_train.gan_weight > 0
     perceptual: lpips_lib.LPIPS | None = None  # vae_train.perceptual_weight > 0
+    # SDXL: the second text encoder, FlaxCLIPTextModelWithProjection's module (None in SD 1.x / 2.x)
+    text_encoder_2: Any = None
+    text_encoder_2_config: CLIPTextConfig | None = None
+
+    @property
+    def sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        return COMPONENTS + ((TEXT_ENCODER_2,) if self.sdxl else ())
 
     @property
     def vae_scale_factor(self) -> int:
@@ -91,10 +104,41 @@ def _pretrained_dir(config: ml_collections.ConfigDict) -> str:
     return path
 
 
+def has_second_text_encoder(config: ml_collections.ConfigDict) -> bool:
+    """Whether `config.model` is SDXL's, with a second text encoder: a pretrained folder with text_encoder_2/,
+    or a `model.text_encoder_2` config (configs/sdxl.py)."""
+    if config.model.pretrained:
+        return os.path.isdir(os.path.join(config.model.pretrained, TEXT_ENCODER_2))
+    return bool(config.model.get(TEXT_ENCODER_2))
+
+
+def components(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The model components of `config`: SD's three, and SDXL's second text encoder."""
+    return COMPONENTS + ((TEXT_ENCODER_2,) if has_second_text_encoder(config) else ())
+
+
+def _folder_tokenizer(root: str, name: str) -> CLIPTokenizer:
+    folder = os.path.join(root, name)
+    if not os.path.isdir(folder):
+        raise PretrainedFolderError(f"{folder} is missing (expected a CLIPTokenizer folder).")
+    return CLIPTokenizer.from_pretrained(folder)
+
+
+def text_encoder_config(values: ml_collections.ConfigDict, tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+    """The CLIPTextConfig of `values` (model.text_encoder*) with `tokenizer`'s special token ids unless `values`
+    sets them: CLIP's pooled output (SDXL conditions on it) is the hidden state at the end-of-text id, and with
+    CLIPTextConfig's default ids (the pretrained vocabulary's 49407) it would pool the builtin tokenizer's
+    captions at position 0, the same for every caption."""
+    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+               "pad_token_id": tokenizer.pad_token_id}
+    return CLIPTextConfig(**{**special, **values.to_dict()})
+
+
 def build_models(config: ml_collections.ConfigDict) -> Models:
     """Builds the modules (no parameters) for `config.model`, from a pretrained folder when given."""
     dtype = compute_dtype(config.train.precision)
     efficient_attention = config.model.attention == "memory_efficient"
+    text_cfg_2 = None
     if config.model.pretrained:
         root = _pretrained_dir(config)
         unet_cfg = _read_json(os.path.join(root, "unet", "config.json"))
@@ -103,19 +147,25 @@ def build_models(config: ml_collections.ConfigDict) -> Models:
         unet = FlaxUNet2DConditionModel.from_config(
             unet_cfg, dtype=dtype, use_memory_efficient_attention=efficient_attention)
         vae = FlaxAutoencoderKL.from_config(vae_cfg, dtype=dtype)
-        tokenizer_dir = os.path.join(root, "tokenizer")
-        if not os.path.isdir(tokenizer_dir):
-            raise PretrainedFolderError(f"{tokenizer_dir} is missing (expected a CLIPTokenizer folder).")
-        tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+        tokenizer = _folder_tokenizer(root, "tokenizer")
+        if has_second_text_encoder(config):
+            text_cfg_2 = CLIPTextConfig(**_read_json(os.path.join(root, TEXT_ENCODER_2, "config.json")))
+            tokenizer = TokenizerPair(tokenizer, _folder_tokenizer(root, "tokenizer_2"))
     else:
         unet = FlaxUNet2DConditionModel(
             **config.model.unet.to_dict(), dtype=dtype, use_memory_efficient_attention=efficient_attention)
         vae = FlaxAutoencoderKL(**config.model.vae.to_dict(), dtype=dtype)
         tokenizer = builtin_tokenizer(config.data.max_length)
-        text_cfg = CLIPTextConfig(**config.model.text_encoder.to_dict())
+        text_cfg = text_encoder_config(config.model.text_encoder, tokenizer)
+        if has_second_text_encoder(config):
+            text_cfg_2 = text_encoder_config(config.model.text_encoder_2, tokenizer)
+            tokenizer = TokenizerPair(tokenizer, tokenizer)
     text_encoder = FlaxCLIPTextModel(text_cfg, dtype=dtype, _do_init=False).module
+    text_encoder_2 = None if text_cfg_2 is None else \
+        FlaxCLIPTextModelWithProjection(text_cfg_2, dtype=dtype, _do_init=False).module
     return Models(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_config=text_cfg,
-                  tokenizer=tokenizer, attention=config.model.attention, **vae_loss_networks(config, dtype))
+                  tokenizer=tokenizer, attention=config.model.attention, text_encoder_2=text_encoder_2,
+                  text_encoder_2_config=text_cfg_2, **vae_loss_networks(config, dtype))
 
 
 def vae_loss_networks(config: ml_collections.ConfigDict, dtype) -> dict[str, Any]:
@@ -158,7 +208,11 @@ def _init_fns(models: Models, config: ml_collections.ConfigDict):
     def init_unet(rng):
         sample = jnp.zeros((1, models.unet.in_channels, latent_size, latent_size), jnp.float32)
         context = jnp.zeros((1, seq_len, models.unet.cross_attention_dim), jnp.float32)
-        return models.unet.init(rng, sample, jnp.ones((1,), jnp.int32), context)["params"]
+        added = None
+        if models.sdxl:
+            added = {"text_embeds": jnp.zeros((1, models.text_encoder_2_config.projection_dim), jnp.float32),
+                     "time_ids": jnp.zeros((1, SDXL_TIME_IDS), jnp.float32)}
+        return models.unet.init(rng, sample, jnp.ones((1,), jnp.int32), context, added)["params"]
 
     def init_vae(rng):
         sample = jnp.zeros((1, models.vae.in_channels, image_size, image_size), jnp.float32)
@@ -166,30 +220,33 @@ def _init_fns(models: Models, config: ml_collections.ConfigDict):
         rngs = {"params": params_rng, "dropout": dropout_rng, "gaussian": gaussian_rng}
         return models.vae.init(rngs, sample)["params"]
 
-    def init_text_encoder(rng):
+    def text_encoder_init(module):
         ids = jnp.zeros((1, seq_len), jnp.int32)
-        return models.text_encoder.init(rng, ids, jnp.ones_like(ids), position_ids(ids))["params"]
+        return lambda rng: module.init(rng, ids, jnp.ones_like(ids), position_ids(ids))["params"]
 
     image = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    return {"unet": init_unet, "vae": init_vae, "text_encoder": init_text_encoder,
+    return {"unet": init_unet, "vae": init_vae, "text_encoder": text_encoder_init(models.text_encoder),
+            TEXT_ENCODER_2: text_encoder_init(models.text_encoder_2),
             DISCRIMINATOR: lambda rng: models.discriminator.init(rng, image)["params"],
             PERCEPTUAL: lambda rng: models.perceptual.init(rng, image, image)["params"]}
 
 
 def param_shapes(models: Models, config: ml_collections.ConfigDict,
-                 components: tuple[str, ...] = COMPONENTS) -> dict[str, Params]:
-    """ShapeDtypeStructs of the components' params, without allocating any of them."""
+                 components: tuple[str, ...] | None = None) -> dict[str, Params]:
+    """ShapeDtypeStructs of the components' params (default: all of the model's), without allocating any."""
     fns = _init_fns(models, config)
-    return {name: jax.eval_shape(fns[name], jax.random.key(0)) for name in components}
+    return {name: jax.eval_shape(fns[name], jax.random.key(0)) for name in components or models.components}
 
 
 def init_params(models: Models, config: ml_collections.ConfigDict, rng: jax.Array, out_shardings=None,
-                components: tuple[str, ...] = COMPONENTS):
-    """Random float32 params of `components`; created directly with `out_shardings` when given. A component's
-    init does not depend on which others are created with it."""
+                components: tuple[str, ...] | None = None):
+    """Random float32 params of `components` (default: all of the model's); created directly with
+    `out_shardings` when given. A component's init does not depend on which others are created with it."""
     fns = _init_fns(models, config)
+    components = components or models.components
     rngs = dict(zip(COMPONENTS, jax.random.split(rng, len(COMPONENTS))))
-    rngs.update({name: jax.random.fold_in(rng, i + 1) for i, name in enumerate((DISCRIMINATOR, PERCEPTUAL))})
+    rngs.update({name: jax.random.fold_in(rng, i + 1)
+                 for i, name in enumerate((DISCRIMINATOR, PERCEPTUAL, TEXT_ENCODER_2))})
 
     def init_all(rngs):
         return {name: fns[name](rngs[name]) for name in components}
@@ -198,18 +255,16 @@ def init_params(models: Models, config: ml_collections.ConfigDict, rng: jax.Arra
 
 
 def load_pretrained_params(models: Models, config: ml_collections.ConfigDict,
-                           components: tuple[str, ...] = COMPONENTS) -> dict[str, Params]:
-    """float32 params of `components` from `config.model.pretrained` (Flax msgpack or PyTorch
-    safetensors/bin), on host."""
+                           components: tuple[str, ...] | None = None) -> dict[str, Params]:
+    """float32 params of `components` (default: all of the model's) from `config.model.pretrained` (Flax
+    msgpack or PyTorch safetensors/bin), on host."""
     root = _pretrained_dir(config)
-    shapes = param_shapes(models, config)
-    loaders = {
-        "unet": lambda: pytorch_weights.load_diffusers_weights(os.path.join(root, "unet"), shapes["unet"]),
-        "vae": lambda: pytorch_weights.load_diffusers_weights(os.path.join(root, "vae"), shapes["vae"]),
-        "text_encoder": lambda: pytorch_weights.load_clip_text_weights(
-            os.path.join(root, "text_encoder"), shapes["text_encoder"]),
-    }
-    return {name: loaders[name]() for name in components}
+    components = components or models.components
+    shapes = param_shapes(models, config, components)
+    text_encoders = ("text_encoder", TEXT_ENCODER_2)
+    return {name: (pytorch_weights.load_clip_text_weights if name in text_encoders else
+                   pytorch_weights.load_diffusers_weights)(os.path.join(root, name), shapes[name])
+            for name in components}
 
 
 def load_perceptual_params(config: ml_collections.ConfigDict) -> Params:
@@ -226,9 +281,54 @@ def position_ids(input_ids: jax.Array) -> jax.Array:
 
 def encode_text(models: Models, params: Params, input_ids: jax.Array) -> jax.Array:
     """Last hidden state of the CLIP text encoder (what SD conditions on), [B, 77, D]."""
-    out = models.text_encoder.apply(
-        {"params": params}, input_ids, jnp.ones_like(input_ids), position_ids(input_ids), deterministic=True)
-    return out[0]
+    return _run_text_encoder(models.text_encoder, params, input_ids)[0]
+
+
+def _run_text_encoder(module, params: Params, input_ids: jax.Array, output_hidden_states: bool = False):
+    return module.apply({"params": params}, input_ids, jnp.ones_like(input_ids), position_ids(input_ids),
+                        deterministic=True, output_hidden_states=output_hidden_states)
+
+
+def token_ids_shape(models: Models, max_length: int) -> tuple[int, ...]:
+    """The shape of one caption's token ids: [max_length], SDXL's [2, max_length] (one row per tokenizer)."""
+    return (2, max_length) if models.sdxl else (max_length,)
+
+
+def text_conditioning(models: Models, params: Params, input_ids: jax.Array) -> dict[str, jax.Array]:
+    """What the UNet is conditioned on, from token ids, as `predict_noise`'s keyword arguments (`params` holds
+    every component):
+      SD    input_ids [B, L]: {"context": the CLIP text encoder's last hidden state [B, L, D]};
+      SDXL  input_ids [B, 2, L] (a row per tokenizer: TokenizerPair): {"context": both encoders' penultimate
+            hidden states side by side [B, L, D1 + D2], "text_embeds": the second's pooled projection [B, P]},
+            as diffusers' SDXL pipelines condition."""
+    if not models.sdxl:
+        return {"context": encode_text(models, params["text_encoder"], input_ids)}
+    first = _run_text_encoder(models.text_encoder, params["text_encoder"], input_ids[:, 0], True)
+    second = _run_text_encoder(models.text_encoder_2, params[TEXT_ENCODER_2], input_ids[:, 1], True)
+    return {"context": jnp.concatenate([first.hidden_states[-2], second.hidden_states[-2]], axis=-1),
+            "text_embeds": second.text_embeds}
+
+
+def batch_conditioning(models: Models, params: Params, batch: dict) -> dict[str, jax.Array]:
+    """`text_conditioning` of a training batch's captions; SDXL also takes the batch's `time_ids` (each image's
+    size and crop, data/preprocess.py), where it has them (a latent cache's batches do not)."""
+    conditioning = text_conditioning(models, params, batch["input_ids"])
+    if models.sdxl and "time_ids" in batch:
+        conditioning["time_ids"] = batch["time_ids"]
+    return conditioning
+
+
+# SDXL's size and crop conditioning: (original height, width, crop top, left, target height, width).
+SDXL_TIME_IDS = 6
+
+
+def sdxl_time_ids(models: Models, latents: jax.Array) -> jax.Array:
+    """SDXL's micro-conditioning [B, 6] for latents [B, C, h, w] when no batch gave it: (H, W, 0, 0, H, W) at
+    their image size H x W, an image taken as it is, uncropped: what diffusers' SDXL pipelines pass when
+    sampling by default. (Training batches from images carry each one's own: data/preprocess.py `Crop`.)"""
+    height, width = (side * models.vae_scale_factor for side in latents.shape[-2:])
+    time_ids = jnp.asarray([height, width, 0, 0, height, width], jnp.float32)
+    return jnp.broadcast_to(time_ids, (latents.shape[0], SDXL_TIME_IDS))
 
 
 def image_latent_moments(models: Models, params: Params, pixel_values_nhwc: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -281,7 +381,14 @@ def decode_with_last_layer_vjp(models: Models, params: Params, latents_nhwc: jax
     return images, lambda grad: vjp(grad.astype(images.dtype))[0]
 
 
-def predict_noise(models: Models, params: Params, noisy_latents, timesteps, text_embeddings) -> jax.Array:
+def predict_noise(models: Models, params: Params, noisy_latents, timesteps, context,
+                  text_embeds: jax.Array | None = None, time_ids: jax.Array | None = None) -> jax.Array:
+    """The UNet's prediction for NCHW latents; `context` (and SDXL's pooled `text_embeds`) as
+    `text_conditioning` gives them; SDXL's `time_ids` [B, 6] default to `sdxl_time_ids`."""
     timesteps = jnp.asarray(timesteps)  # diffusers wraps a non-jax timesteps array in one more dimension
+    added = None
+    if models.sdxl:
+        added = {"text_embeds": text_embeds,
+                 "time_ids": sdxl_time_ids(models, noisy_latents) if time_ids is None else time_ids}
     with attention_lib.attention_kernel(models.attention):
-        return models.unet.apply({"params": params}, noisy_latents, timesteps, text_embeddings).sample
+        return models.unet.apply({"params": params}, noisy_latents, timesteps, context, added).sample

@@ -2,7 +2,8 @@
 
 It is a real `CLIPTokenizer` (same byte-level BPE code, same special tokens, same 77-token padding) over a
 small vocabulary: all 256 byte symbols, so any text round-trips, plus merges that make each word of
-`CAPTION_WORDS` one token. Pretrained runs use the folder's own tokenizer instead.
+`CAPTION_WORDS` one token. Pretrained runs use the folder's own tokenizer instead. SDXL's two tokenizers
+are one `TokenizerPair`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import functools
 import json
 import os
 import tempfile
+from types import SimpleNamespace
 
+import numpy as np
 from transformers import CLIPTokenizer
 from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
@@ -64,3 +67,19 @@ def builtin_tokenizer(max_length: int = 77) -> CLIPTokenizer:
         with open(merges_file, "w", encoding="utf-8") as f:
             f.write("#version: sdjax-builtin\n" + "\n".join(" ".join(m) for m in merges) + "\n")
         return CLIPTokenizer(vocab_file, merges_file, model_max_length=max_length)
+
+
+class TokenizerPair:
+    """SDXL's two tokenizers (CLIP ViT-L's and OpenCLIP ViT-bigG's) as one: called like a CLIPTokenizer, it
+    gives both token ids of each text side by side, `input_ids` [..., 2, max_length], so the data pipeline,
+    the latent cache and the sampler pass SDXL captions as they pass SD's (`text_conditioning` splits them)."""
+
+    def __init__(self, first: CLIPTokenizer, second: CLIPTokenizer):
+        self.first, self.second = first, second
+
+    def __call__(self, text, **kwargs) -> SimpleNamespace:
+        ids = [np.asarray(tokenizer(text, **kwargs).input_ids, np.int32) for tokenizer in (self.first, self.second)]
+        return SimpleNamespace(input_ids=np.stack(ids, axis=-2))
+
+    def __len__(self) -> int:
+        return max(len(self.first), len(self.second))
