@@ -64,7 +64,7 @@ class Models:
 
     @property
     def components(self) -> tuple[str, ...]:
-        return COMPONENTS + ((TEXT_ENCODER_2,) if self.sdxl else ())
+        return _components(self.sdxl)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -114,7 +114,11 @@ def has_second_text_encoder(config: ml_collections.ConfigDict) -> bool:
 
 def components(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     """The model components of `config`: SD's three, and SDXL's second text encoder."""
-    return COMPONENTS + ((TEXT_ENCODER_2,) if has_second_text_encoder(config) else ())
+    return _components(has_second_text_encoder(config))
+
+
+def _components(sdxl: bool) -> tuple[str, ...]:
+    return COMPONENTS + ((TEXT_ENCODER_2,) if sdxl else ())
 
 
 def _folder_tokenizer(root: str, name: str) -> CLIPTokenizer:
