@@ -17,6 +17,7 @@ Variants:
   torch-{fp32,bf16}               the loop of diffusers' examples/text_to_image/train_text_to_image.py:
                                   UNet2DConditionModel, AutoencoderKL, CLIPTextModel, torch.optim.AdamW,
                                   DDPMScheduler.add_noise, MSE (bf16: torch.autocast on CPU)
+  sdjax-noattn-fp32-1dev          only when named: a bound, not a trainer (attention that does no work)
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ TEXT = dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_
             max_position_embeddings=77, projection_dim=128)
 VARIANTS = ("sdjax-fp32-1dev", "sdjax-bf16-1dev", "sdjax-fp32-8dev", "sdjax-bf16-8dev",
             "flax-example-fp32", "flax-example-bf16", "torch-fp32", "torch-bf16")
+# Not a trainer, a bound (run it with --variants): sdjax's step with every UNet attention kernel replaced by
+# one that returns its query and does no work, i.e. the step time no attention kernel could beat.
+ABLATIONS = ("sdjax-noattn-fp32-1dev",)
 
 
 def unet_levels(channels: tuple[int, ...]) -> dict:
@@ -70,6 +74,10 @@ def run_variant(variant: str, repeats: int, batch_size: int, image_size: int, un
     family, precision = variant.split("-")[0], variant.split("-")[-2 if variant.endswith("dev") else -1]
     config = benchmark_config(precision, batch_size, image_size, unet_channels)
     batch = step_runners.fixed_batch(batch_size, image_size, TEXT["vocab_size"])
+    if "noattn" in variant:
+        from sdjax.models import attention
+        for name in attention._KERNEL_FUNCTIONS:
+            attention._KERNEL_FUNCTIONS[name] = lambda query, key, value, scale: query
     if family == "sdjax":
         run_step = step_runners.sdjax_runner(config, batch)
     elif family == "flax":
@@ -91,7 +99,8 @@ def child_env(variant: str) -> dict:
 
 def table(results: dict, batch_size: int) -> str:
     ok = {variant: r for variant, r in results.items() if "error" not in r}
-    sdjax = [r for variant, r in ok.items() if variant.startswith("sdjax")] or list(ok.values())
+    sdjax = [r for variant, r in ok.items() if variant.startswith("sdjax") and variant not in ABLATIONS]
+    sdjax = sdjax or list(ok.values())
     reference = min(sdjax, key=lambda r: r["median_step_s"]) if sdjax else None
     lines = ["| variant | img/s | steps/s | median step ms (spread) | first step s | peak RSS MiB | "
              "img/s vs fastest sdjax |", "|---|---|---|---|---|---|---|"]
@@ -124,8 +133,8 @@ def main() -> None:
         return
     results = {}
     for variant in args.variants.split(","):
-        if variant not in VARIANTS:
-            sys.exit(f"unknown variant {variant!r}; expected some of {VARIANTS}")
+        if variant not in VARIANTS + ABLATIONS:
+            sys.exit(f"unknown variant {variant!r}; expected some of {VARIANTS + ABLATIONS}")
         results[variant] = step_runners.run_child(
             [sys.executable, __file__, "--child", variant, "--repeats", str(args.repeats), "--batch", str(args.batch),
              "--image-size", str(args.image_size), "--unet-channels", args.unet_channels], variant,

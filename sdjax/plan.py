@@ -202,6 +202,19 @@ def _cache_key(config: ml_collections.ConfigDict, topology: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
+def _cache_path(config: ml_collections.ConfigDict, topology: str, cache_dir: str) -> str:
+    return os.path.join(cache_dir, _cache_key(config, topology) + ".json")
+
+
+def cached_plan(config: ml_collections.ConfigDict, topology: str, cache_dir: str | None) -> Plan | None:
+    """The plan of this config on this topology if an earlier `plan_step` cached it (no compile)."""
+    cache_path = _cache_path(config, topology, cache_dir) if cache_dir else None
+    if not cache_path or not os.path.isfile(cache_path):
+        return None
+    with open(cache_path) as f:
+        return Plan(**json.load(f))
+
+
 def plan_step(config: ml_collections.ConfigDict, topology: str, cache_dir: str | None = None) -> Plan:
     """Compiles the train step for `topology` at `config.train.batch_size` and reads XLA's analyses."""
     devices = target_devices(topology)
@@ -209,10 +222,10 @@ def plan_step(config: ml_collections.ConfigDict, topology: str, cache_dir: str |
     cache_path = None
     if cache_dir:
         os.makedirs(cache_dir, exist_ok=True)
-        cache_path = os.path.join(cache_dir, _cache_key(config, topology) + ".json")
-        if os.path.isfile(cache_path):
-            with open(cache_path) as f:
-                return Plan(**json.load(f))
+        cache_path = _cache_path(config, topology, cache_dir)
+    cached = cached_plan(config, topology, cache_dir)
+    if cached is not None:
+        return cached
 
     models = models_lib.build_models(config)
     config_lib.validate_against_models(config, models)
@@ -264,7 +277,7 @@ def _save(plan: Plan, cache_path: str | None) -> None:
 def max_batch_per_device(config: ml_collections.ConfigDict, topology: str, cache_dir: str | None,
                          limit: int = 256, capacity_bytes: float | None = None) -> tuple[int, list[Plan]]:
     """The largest per-device batch whose step fits the device's HBM (or `capacity_bytes`, e.g. to leave
-    headroom); returns it and every plan compiled on the way.
+    headroom); returns it and every plan compiled (or read from the cache) on the way.
 
     A step's memory grows about linearly with the batch (the state is fixed, activations are per image), so
     after batches 1 and 2 it compiles the batch just above where the line through the two largest batches
@@ -273,18 +286,26 @@ def max_batch_per_device(config: ml_collections.ConfigDict, topology: str, cache
     that fits and the smallest that does not (regula falsi). On a line that is 4 compiles (1, 2, the
     crossing's neighbour, the crossing), where doubling then bisection takes about 2 log2(answer); where
     XLA's padding and rematerialisation bend the line it still closes in. Without a capacity (CPU devices) it
-    doubles up to `limit`."""
+    doubles up to `limit`.
+
+    Batches already in `cache_dir` (earlier plans and searches of the same config) start the search, so an
+    interrupted search continues where it stopped, and one `sdjax plan --config.train.batch_size=N` that
+    fits is enough to start from N: the line then runs from the step's fixed bytes at batch 0 (its
+    arguments and outputs, less the donated ones) through N."""
     num_devices = len(target_devices(topology))
     tried: list[Plan] = []
     totals: dict[int, int] = {}  # per-device batch -> total bytes, of the compiles that have one
 
-    def try_batch(per_device: int) -> bool:
+    def with_batch(per_device: int) -> ml_collections.ConfigDict:
         trial = config.copy_and_resolve_references()
         trial.train.batch_size = per_device * num_devices
-        plan = with_capacity(plan_step(trial, topology, cache_dir), capacity_bytes)
+        return trial
+
+    def record(plan: Plan) -> bool:
+        plan = with_capacity(plan, capacity_bytes)
         tried.append(plan)
         if plan.total_bytes is not None:
-            totals[per_device] = plan.total_bytes
+            totals[plan.batch_per_device] = plan.total_bytes
         return plan.fits
 
     def crossing(a: int, b: int) -> int | None:
@@ -295,7 +316,18 @@ def max_batch_per_device(config: ml_collections.ConfigDict, topology: str, cache
         return a + int((capacity - totals[a]) * (b - a) // (totals[b] - totals[a]))
 
     fitting: list[int] = []
-    low, high = 0, limit + 1  # the largest batch known to fit, the smallest known not to (or past the limit)
+    refused: list[int] = []
+    for per_device in range(1, limit + 1):
+        cached = cached_plan(with_batch(per_device), topology, cache_dir)
+        if cached is not None:
+            (fitting if record(cached) else refused).append(per_device)
+    # The largest batch known to fit, the smallest above it known not to (or past the limit).
+    low = max(fitting, default=0)
+    high = min((b for b in refused if b > low), default=limit + 1)
+    if len(fitting) == 1 and low > 1:  # one batch from the cache: its fixed bytes stand for batch 0
+        plan = next(p for p in tried if p.batch_per_device == low)
+        totals[0] = plan.argument_bytes + plan.output_bytes - plan.alias_bytes
+        fitting.insert(0, 0)
     while high - low > 1:
         if len(fitting) < 2:
             probe = len(fitting) + 1
@@ -303,9 +335,10 @@ def max_batch_per_device(config: ml_collections.ConfigDict, topology: str, cache
             predicted = crossing(fitting[-2], low)
             probe = 2 * low if predicted is None else predicted + 1
         else:
-            probe = crossing(low, high) or (low + high) // 2
+            # XLA's refusals have no totals: then the line through the fitting batches, else bisection.
+            probe = crossing(low, high) or crossing(fitting[-2], low) or (low + high) // 2
         probe = min(max(probe, low + 1), high - 1, limit)
-        if try_batch(probe):
+        if record(plan_step(with_batch(probe), topology, cache_dir)):
             low = probe
             fitting.append(probe)
         else:

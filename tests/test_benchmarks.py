@@ -34,7 +34,7 @@ def assert_measured(rows: list[list[str]], names: list[str], column: int = 1) ->
 
 
 def test_train_step_benchmark_compares_the_three_trainers():
-    variants = ["sdjax-fp32-1dev", "flax-example-fp32", "torch-fp32"]
+    variants = ["sdjax-fp32-1dev", "flax-example-fp32", "torch-fp32", "sdjax-noattn-fp32-1dev"]
     output = run_benchmark("train_step.py", "--variants", ",".join(variants), "--repeats", "1",
                            "--batch", "2", "--image-size", "16", "--unet-channels", "32,32")
     assert_measured(table_rows(output), variants)

@@ -85,6 +85,22 @@ def test_max_batch_search_against_a_smaller_capacity(plan_config, monkeypatch):
     assert {p.batch_per_device: p.fits for p in plans}[11] is False
 
 
+def test_max_batch_search_starts_from_a_batch_in_the_cache(plan_config, monkeypatch, tmp_path):
+    def total_bytes(b):
+        return 100_000 + 30_000 * b  # answer 31
+
+    # An earlier `sdjax plan` at 16 per device, cached: state 100_000 bytes, 30_000 per image.
+    seen = plan_lib.Plan(topology="v5e:2x2", num_devices=4, global_batch=64, batch_per_device=16, fits=True,
+                         capacity_bytes=float(2**20), argument_bytes=100_000, output_bytes=0, alias_bytes=0,
+                         temp_bytes=480_000, total_bytes=total_bytes(16))
+    plan_lib._save(seen, plan_lib._cache_path(_with_batch(plan_config, 64), "v5e:2x2", str(tmp_path)))
+    compiled = _fake_compiles(monkeypatch, total_bytes)
+    best, plans = plan_lib.max_batch_per_device(plan_config, "v5e:2x2", str(tmp_path), limit=64)
+    assert best == 31
+    assert compiled == [32, 31]  # the line from its fixed bytes through 16: just above, then the crossing
+    assert [p.batch_per_device for p in plans] == [16, 32, 31]
+
+
 def test_max_batch_of_a_real_compile_on_cpu_devices_is_confirmed_by_its_neighbour(plan_config, tmp_path):
     plan_config.data.resolution = 32  # at 16 px the totals of batches 1-3 are off a line: one more compile
     two, three = (plan_lib.plan_step(_with_batch(plan_config, 8 * b), "cpu:8", str(tmp_path)) for b in (2, 3))
@@ -92,7 +108,7 @@ def test_max_batch_of_a_real_compile_on_cpu_devices_is_confirmed_by_its_neighbou
     capacity = (two.total_bytes + three.total_bytes) / 2  # 2 per device fits, 3 does not
     best, plans = plan_lib.max_batch_per_device(plan_config, "cpu:8", str(tmp_path), capacity_bytes=capacity)
     assert best == 2
-    assert [p.batch_per_device for p in plans] == [1, 2, 3]  # 2 and 3 from the cache of the compiles above
+    assert [p.batch_per_device for p in plans] == [2, 3]  # no compile: both from the cache of those above
     assert not plans[-1].fits and plans[-1].capacity_bytes == capacity
 
 

@@ -77,7 +77,6 @@ def test_grad_accumulation_gives_same_loss_and_update_as_whole_batch(setup, refe
 
 def test_remat_recomputes_inside_unet_blocks(tiny_config):
     """The remat context really wraps the blocks: one remat per ResNet/Transformer block in the gradient."""
-    tiny_config.model.attention = "default"  # the per_head kernel (`auto` on CPU) has a remat of its own
     models = models_lib.build_models(tiny_config)
     params = models_lib.param_shapes(models, tiny_config)["unet"]
     latents = jax.ShapeDtypeStruct((1, 4, 2, 2), jnp.float32)

@@ -12,13 +12,13 @@
   takes the shapes (bf16/fp16, head dim a multiple of 8 up to 128, even sequence lengths for training: the
   UNet's self-attention; cross-attention over 77 caption tokens is not, and runs XLA's kernel) and elsewhere
   XLA's kernel. Same parameters and same function as `default`: only the kernel changes.
-- `per_head`: one (batch, head) at a time (`lax.map`), its scores recomputed in the backward pass
-  (`jax.checkpoint`). Written for XLA:CPU, where it is measurably better: the whole-batch scores of
-  diffusers' attention ((batch*heads, queries, keys) floats, 268 MB at 32x32 latents, batch 8, 8 heads) do
-  not stay in cache and cost layout copies, while one head's (4 MB) does. At that size, forward + backward
-  of one attention layer took 569 ms as written and 223 ms per head on a 2-core CPU (XLA's kernel behind
-  `jax.nn.dot_product_attention`: 1306 ms); see docs/benchmarks.md. On accelerators a sequential loop over
-  heads is slow.
+- `per_head`: one (batch, head) at a time (`lax.map`), with flash attention's backward pass (the scores
+  recomputed from the saved log-sum-exp; `_per_head_attention`). Written for XLA:CPU, where it is measurably
+  better: the whole-batch scores of diffusers' attention ((batch*heads, queries, keys) floats, 268 MB at
+  32x32 latents, batch 8, 8 heads) do not stay in cache and cost layout copies, while one head's (4 MB)
+  does. At that size, forward + backward of one attention layer took 569 ms as written and 124-155 ms per
+  head on a 2-core CPU (XLA's kernel behind `jax.nn.dot_product_attention`: 1306 ms); see
+  docs/benchmarks.md. On accelerators a sequential loop over heads is slow.
 
 diffusers' `FlaxAttention` has no switch for other kernels, so a Flax method interceptor replaces its
 `__call__` with one that runs the module's own projections (`to_q`, `to_k`, `to_v`, `to_out_0`) around the
@@ -77,21 +77,72 @@ def materialized_kernel(query, key, value, scale):
 
 def per_head_kernel(query, key, value, scale):
     by_head = _heads_into_batch
+    attended = _per_head_attention(by_head(query), by_head(key), by_head(value), scale)
+    return _heads_out_of_batch(attended, query.shape[0])
 
-    @jax.checkpoint
+
+# The per-head loop with a backward pass of its own (flash attention's, one head at a time): the forward pass
+# keeps each query's log-sum-exp, the backward pass recomputes the scores from it. Written for XLA:CPU, where
+# it is measurably better than `jax.checkpoint` + autodiff of the same loop: autodiff's backward contracts the
+# (queries, keys) probabilities over their queries (dV = P^T dO, dK = dS^T Q), and XLA:CPU runs a dot that
+# contracts its big operand over its rows ~5x slower than one over its columns (64 heads of 1024 x 1024,
+# head dim 8, 2-core Xeon: P^T dO 165 ms, the same product from scores computed transposed 29 ms). So the
+# backward pass recomputes the scores both ways, (queries, keys) for dQ and (keys, queries) for dK and dV, and
+# every dot contracts over columns: one layer's forward + backward at that size 124-155 ms, against 364-378
+# ms with `jax.checkpoint` (benchmarks/attention_kernels.py). Softmax statistics are float32 in any dtype.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _per_head_attention(q, k, v, scale):  # (batch * heads, length, dim_head) each
+    return _per_head_forward(q, k, v, scale)[0]
+
+
+def _scores(a, b, scale):  # a @ b^T * scale, float32: (length_a, length_b)
+    return jnp.einsum("id,jd->ij", a, b, preferred_element_type=jnp.float32) * scale
+
+
+def _per_head_forward(q, k, v, scale):
     def one_head(qkv):
         q, k, v = qkv
-        return nn.softmax((q @ k.T) * scale, axis=-1) @ v
+        scores = _scores(q, k, scale)
+        peak = jnp.max(scores, axis=-1, keepdims=True)
+        weights = jnp.exp(scores - peak)
+        total = jnp.sum(weights, axis=-1, keepdims=True)
+        attended = jnp.einsum("ij,jd->id", weights, v, preferred_element_type=jnp.float32) / total
+        return attended.astype(q.dtype), (peak + jnp.log(total))[:, 0]
 
-    attended = jax.lax.map(one_head, (by_head(query), by_head(key), by_head(value)))
-    return _heads_out_of_batch(attended, query.shape[0])
+    attended, log_sum_exp = jax.lax.map(one_head, (q, k, v))
+    return attended, (q, k, v, attended, log_sum_exp)
+
+
+def _per_head_backward(scale, residuals, d_attended):
+    q, k, v, attended, log_sum_exp = residuals
+    # D_i = sum_d dO_id O_id, the softmax-gradient term of flash attention's backward pass.
+    d_total = jnp.sum(d_attended.astype(jnp.float32) * attended.astype(jnp.float32), axis=-1)
+
+    def one_head(args):
+        q, k, v, d_out, lse, d_sum = args
+        f32 = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+        probs = jnp.exp(_scores(q, k, scale) - lse[:, None])  # (queries, keys)
+        d_scores = probs * (f32("id,jd->ij", d_out, v) - d_sum[:, None])
+        d_q = f32("ij,jd->id", d_scores, k) * scale
+        probs_t = jnp.exp(_scores(k, q, scale) - lse[None, :])  # (keys, queries): the same, transposed
+        d_v = f32("ji,id->jd", probs_t, d_out)
+        d_scores_t = probs_t * (f32("jd,id->ji", v, d_out) - d_sum[None, :])
+        d_k = f32("ji,id->jd", d_scores_t, q) * scale
+        return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype)
+
+    return jax.lax.map(one_head, (q, k, v, d_attended, log_sum_exp, d_total))
+
+
+_per_head_attention.defvjp(_per_head_forward, _per_head_backward)
 
 
 # `auto` on a one-device CPU loops over heads only when the whole batch's float32 scores are at least this
 # big. Measured on the 2-core Xeon: 268 MB of scores (32x32 latents, batch 8, 8 heads; benchmarks/
 # train_step.py) made the step 1805 ms per head vs 2851 ms materialised; 2 MB (the demo's 8x8 latents, batch
 # 32, 4 heads) made the demo's UNet step 1.6x slower per head (93 vs 149 images/s): the loop costs more than
-# the cache misses it saves once the scores fit in cache.
+# the cache misses it saves once the scores fit in cache. Rechecked with `_per_head_attention`'s backward (one
+# layer's forward + backward, per head vs materialised, 2-core EPYC): 2 MiB 3.2 vs 2.4 ms, 4 MiB 6.4 vs 6.8 ms,
+# 16 MiB 28 vs 56 ms.
 PER_HEAD_MIN_SCORE_BYTES = 8 * 2**20
 
 
