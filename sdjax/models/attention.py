@@ -86,7 +86,7 @@ def per_head_kernel(query, key, value, scale):
 # it is measurably better than `jax.checkpoint` + autodiff of the same loop: autodiff's backward contracts the
 # (queries, keys) probabilities over their queries (dV = P^T dO, dK = dS^T Q), and XLA:CPU runs a dot that
 # contracts its big operand over its rows ~5x slower than one over its columns (64 heads of 1024 x 1024,
-# head dim 8, 2-core Xeon: P^T dO 165 ms, the same product from scores computed transposed 29 ms). So the
+# head dim 8, 2-core EPYC: P^T dO 165 ms, the same product from scores computed transposed 29 ms). So the
 # backward pass recomputes the scores both ways, (queries, keys) for dQ and (keys, queries) for dK and dV, and
 # every dot contracts over columns: one layer's forward + backward at that size 124-155 ms, against 364-378
 # ms with `jax.checkpoint` (benchmarks/attention_kernels.py). Softmax statistics are float32 in any dtype.
