@@ -202,28 +202,30 @@ def _cache_key(config: ml_collections.ConfigDict, topology: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def _cache_path(config: ml_collections.ConfigDict, topology: str, cache_dir: str) -> str:
-    return os.path.join(cache_dir, _cache_key(config, topology) + ".json")
+def _cache_path(config: ml_collections.ConfigDict, topology: str, cache_dir: str | None) -> str | None:
+    return os.path.join(cache_dir, _cache_key(config, topology) + ".json") if cache_dir else None
 
 
-def cached_plan(config: ml_collections.ConfigDict, topology: str, cache_dir: str | None) -> Plan | None:
-    """The plan of this config on this topology if an earlier `plan_step` cached it (no compile)."""
-    cache_path = _cache_path(config, topology, cache_dir) if cache_dir else None
+def _load(cache_path: str | None) -> Plan | None:
     if not cache_path or not os.path.isfile(cache_path):
         return None
     with open(cache_path) as f:
         return Plan(**json.load(f))
 
 
+def cached_plan(config: ml_collections.ConfigDict, topology: str, cache_dir: str | None) -> Plan | None:
+    """The plan of this config on this topology if an earlier `plan_step` cached it (no compile)."""
+    return _load(_cache_path(config, topology, cache_dir))
+
+
 def plan_step(config: ml_collections.ConfigDict, topology: str, cache_dir: str | None = None) -> Plan:
     """Compiles the train step for `topology` at `config.train.batch_size` and reads XLA's analyses."""
     devices = target_devices(topology)
     config_lib.validate(config, len(devices))
-    cache_path = None
     if cache_dir:
         os.makedirs(cache_dir, exist_ok=True)
-        cache_path = _cache_path(config, topology, cache_dir)
-    cached = cached_plan(config, topology, cache_dir)
+    cache_path = _cache_path(config, topology, cache_dir)
+    cached = _load(cache_path)
     if cached is not None:
         return cached
 
