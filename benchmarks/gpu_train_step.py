@@ -42,6 +42,7 @@ def load_config(path: str, batch: int, attention: str):
     config.train.precision = "bf16"
     config.model.attention = attention
     config.optimizer.warmup_steps = 0
+    config.train.compilation_cache_dir = ""  # no persistent cache: the first step is the compile
     config.train.train_text_encoder = False  # the PyTorch loop trains the UNet alone
     return config
 

@@ -44,7 +44,9 @@ def sdjax_runner(config, batch: dict):
     from sdjax import models as models_lib
     from sdjax import optim
     from sdjax import step as step_lib
+    from sdjax.train import enable_compilation_cache
 
+    enable_compilation_cache(config.train.compilation_cache_dir)  # as `sdjax train` does ("" in a cold run)
     start = time.perf_counter()
     models = models_lib.build_models(config)
     mesh = mesh_lib.make_mesh(config)
@@ -74,6 +76,7 @@ def flax_example_runner(config, batch: dict):
     import jax
     import jax.numpy as jnp
     import optax
+    import torch  # noqa: F401  (the example loads its data with torch's DataLoader: its process holds torch)
     from flax import jax_utils
     from flax.training import train_state
     from flax.training.common_utils import shard

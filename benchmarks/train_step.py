@@ -8,6 +8,7 @@ global batch, AdamW, frozen VAE and text encoder, UNet trained. Each variant run
     python benchmarks/train_step.py                      # every variant, then the table
     python benchmarks/train_step.py --variants sdjax-fp32-1dev,torch-fp32 --repeats 5
     python benchmarks/train_step.py --unet-channels 32,32 --image-size 16 --batch 2 --repeats 1   # a quick check
+    python benchmarks/train_step.py --variants sdjax-fp32-1dev --compilation-cache /tmp/xla   # twice: warm start
 
 Variants:
   sdjax-{fp32,bf16}-{1dev,8dev}  sdjax's jitted, sharded step (8dev: 8 emulated CPU devices, mesh data=8)
@@ -56,7 +57,7 @@ def unet_levels(channels: tuple[int, ...]) -> dict:
 
 
 def benchmark_config(precision: str, batch_size: int = BATCH, image_size: int = IMAGE,
-                     unet_channels: tuple[int, ...] = UNET_CHANNELS):
+                     unet_channels: tuple[int, ...] = UNET_CHANNELS, compilation_cache: str = ""):
     from sdjax.config import base_config
     c = base_config()
     c.model.unet.update(**{**UNET, **unet_levels(unet_channels), "sample_size": image_size // 2})
@@ -67,12 +68,19 @@ def benchmark_config(precision: str, batch_size: int = BATCH, image_size: int = 
     c.train.precision = precision
     c.train.steps = 1000
     c.optimizer.warmup_steps = 0
+    # sdjax variants: XLA's persistent cache, which `sdjax train` keeps by default; off unless asked for, so
+    # that every variant compiles its step (a second run with the same cache measures a warm start)
+    c.train.compilation_cache_dir = compilation_cache
     return c
 
 
-def run_variant(variant: str, repeats: int, batch_size: int, image_size: int, unet_channels: tuple[int, ...]) -> dict:
+def run_variant(variant: str, repeats: int, batch_size: int, image_size: int, unet_channels: tuple[int, ...],
+                compilation_cache: str = "") -> dict:
     family, precision = variant.split("-")[0], variant.split("-")[-2 if variant.endswith("dev") else -1]
-    config = benchmark_config(precision, batch_size, image_size, unet_channels)
+    if family == "sdjax":  # as the `sdjax` command does: diffusers and tensorboardX imported without torch
+        from sdjax._torchless import import_without_torch
+        import_without_torch()
+    config = benchmark_config(precision, batch_size, image_size, unet_channels, compilation_cache)
     batch = step_runners.fixed_batch(batch_size, image_size, TEXT["vocab_size"])
     if "noattn" in variant:
         from sdjax.models import attention
@@ -124,12 +132,16 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=IMAGE, help="image side; latents are half of it")
     parser.add_argument("--unet-channels", default=",".join(map(str, UNET_CHANNELS)),
                         help="UNet channels per level (multiples of 32), e.g. 32,32 for a quick smoke run")
+    parser.add_argument("--compilation-cache", default="",
+                        help="sdjax variants: XLA's persistent compilation cache in this folder, as `sdjax train` "
+                             "keeps one (train.compilation_cache_dir); run twice to time a warm start")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--json-out", help="also write the raw results here")
     args = parser.parse_args()
     if args.child:
         unet_channels = tuple(int(c) for c in args.unet_channels.split(","))
-        print(json.dumps(run_variant(args.child, args.repeats, args.batch, args.image_size, unet_channels)))
+        print(json.dumps(run_variant(args.child, args.repeats, args.batch, args.image_size, unet_channels,
+                                     args.compilation_cache)))
         return
     results = {}
     for variant in args.variants.split(","):
@@ -137,7 +149,8 @@ def main() -> None:
             sys.exit(f"unknown variant {variant!r}; expected some of {VARIANTS + ABLATIONS}")
         results[variant] = step_runners.run_child(
             [sys.executable, __file__, "--child", variant, "--repeats", str(args.repeats), "--batch", str(args.batch),
-             "--image-size", str(args.image_size), "--unet-channels", args.unet_channels], variant,
+             "--image-size", str(args.image_size), "--unet-channels", args.unet_channels,
+             "--compilation-cache", args.compilation_cache], variant,
             env=child_env(variant))
     if args.json_out:
         with open(args.json_out, "w") as f:

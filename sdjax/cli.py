@@ -11,6 +11,8 @@ import sys
 from absl import flags, logging
 from ml_collections import config_flags
 
+from sdjax._torchless import import_without_torch
+
 USAGE = """usage: sdjax <command> [flags]
 
 commands:
@@ -290,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"sdjax: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
+    if command != "export":  # the one command that uses diffusers' and transformers' PyTorch classes
+        import_without_torch()
     return COMMANDS[command]([f"sdjax {command}"] + argv[2:])
 
 

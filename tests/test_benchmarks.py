@@ -33,11 +33,13 @@ def assert_measured(rows: list[list[str]], names: list[str], column: int = 1) ->
         assert re.fullmatch(r"[0-9.]+", row[column]), row  # a number, not "failed: ..."
 
 
-def test_train_step_benchmark_compares_the_three_trainers():
+def test_train_step_benchmark_compares_the_three_trainers(tmp_path):
     variants = ["sdjax-fp32-1dev", "flax-example-fp32", "torch-fp32", "sdjax-noattn-fp32-1dev"]
     output = run_benchmark("train_step.py", "--variants", ",".join(variants), "--repeats", "1",
-                           "--batch", "2", "--image-size", "16", "--unet-channels", "32,32")
+                           "--batch", "2", "--image-size", "16", "--unet-channels", "32,32",
+                           "--compilation-cache", str(tmp_path / "xla"))
     assert_measured(table_rows(output), variants)
+    assert os.listdir(tmp_path / "xla")  # the sdjax variants compiled into the persistent cache
 
 
 def test_gpu_train_step_benchmark_runs_on_cpu_with_a_small_config():
