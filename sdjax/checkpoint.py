@@ -180,6 +180,22 @@ class Checkpoints:
                             "newest complete checkpoint before it.", self.directory / str(step), COMMIT_MARKER)
             self._manager.delete(step)
 
+    def _metadata(self, step: int) -> tuple[dict, Any]:
+        """(sdjax's metadata, the saved state's tree metadata) of checkpoint `step`; raises if unreadable."""
+        return _restore_meta(self._manager, step), self._manager.item_metadata(step)["state"].tree
+
+    def check_newest(self, abstract_state: step_lib.TrainState) -> int:
+        """The step of the newest checkpoint whose metadata reads (0 if none), checked against the config and
+        `abstract_state` (CheckpointMismatchError): the trainer asks before it compiles, restores after."""
+        for step in reversed(self._complete_steps):
+            try:
+                meta, saved_tree = self._metadata(step)
+            except (OSError, ValueError, KeyError):
+                continue  # restore_latest skips it, with a warning
+            check_compatible(saved_tree, abstract_state, meta["config"], self._config, str(self.directory / str(step)))
+            return step
+        return 0
+
     def restore_latest(self, abstract_state: Callable[[], step_lib.TrainState]) -> Restored | None:
         """The newest readable checkpoint, restored onto `abstract_state()`'s shardings; None if there is none.
 
@@ -189,8 +205,7 @@ class Checkpoints:
         for step in reversed(self._complete_steps):
             where = str(self.directory / str(step))
             try:
-                meta = _restore_meta(self._manager, step)
-                saved_tree = self._manager.item_metadata(step)["state"].tree
+                meta, saved_tree = self._metadata(step)
             except (OSError, ValueError, KeyError) as e:
                 failures.append(self._skip(where, e))
                 continue

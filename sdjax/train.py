@@ -1,8 +1,9 @@
 """`sdjax train` and `sdjax train-vae`: the loop around the step. Reads top to bottom:
-logging -> (VAE stage first, with model.vae_config) -> mesh -> models -> validate -> state (resumed from the
-newest complete checkpoint, else created) -> input pipeline (DreamBooth: missing class images sampled first)
--> compile step -> loop (checkpoints every train.checkpoint_every steps, at the end, and at the step boundary
-after SIGTERM / a preemption notice) -> speed report (WORKDIR/speed.json: measured step time beside the
+logging -> (VAE stage first, with model.vae_config) -> mesh -> models -> validate -> input pipeline -> compile
+step (from the state's shapes, before the state exists) -> state (resumed from the newest complete checkpoint,
+else created; DreamBooth with class images missing: state, class images, then input pipeline and compile) ->
+loop (checkpoints every train.checkpoint_every steps, at the end, and at the step boundary after SIGTERM / a
+preemption notice) -> speed report (WORKDIR/speed.json: measured step time beside the
 roofline of the compiled step on this device, as `sdjax plan` estimates it) -> (VAE stage: the latent scaling
 factor).
 
@@ -11,6 +12,8 @@ Both stages run this one loop; `train.stage` picks the stage's step, grids and e
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import json
 import os
@@ -52,6 +55,33 @@ def enable_compilation_cache(path: str) -> None:
     """XLA's persistent cache: a second start of the same config skips compilation."""
     if path:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+
+
+def release_freed_host_memory() -> None:
+    """Hands the heap memory that compilation freed back to the OS (glibc's `malloc_trim`; elsewhere nothing).
+
+    XLA's compiler frees its working memory when it is done, but glibc keeps the pages, and XLA:CPU's step
+    buffers (large, mmapped) do not reuse them: on CPU the peak was the compiler's leftovers plus the step's
+    buffers. Compiling before the state exists and trimming after it is created took the CPU benchmark's peak
+    RSS from 2.2 to 1.5 GiB (docs/benchmarks.md). On an accelerator it only shrinks the host process."""
+    libc_name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(libc_name) if libc_name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def compile_step_ahead(train_step, state, local_batch: dict, batch_sharding, rng) -> tuple[float | None, float | None]:
+    """Compiles `train_step` for `state` (arrays, or ShapeDtypeStructs with shardings: then before the state
+    is allocated) and the shapes of one of this host's batches; the loop's first call runs this executable
+    (jit's cache) instead of compiling. A step that cannot compile (e.g. does not fit the devices) fails here,
+    before weights are loaded. Returns the compiled step's (FLOPs, bytes accessed) per device, or Nones."""
+    batch = global_batch({k: v for k, v in local_batch.items() if k != "skipped"}, batch_sharding)
+    compiled = train_step.lower(state, batch, rng).compile()
+    try:
+        return plan_lib.executable_cost(compiled)
+    except Exception as e:  # noqa: BLE001 -- a report, never a reason to stop training
+        logging.warning("no cost analysis of the train step (%s): the speed report has no FLOPs", e)
+        return None, None
 
 
 def global_batch(local_batch: dict, sharding) -> dict:
@@ -145,31 +175,39 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     mesh = mesh_lib.make_mesh(config)
     logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
 
-    # --- model, optimizer, sharded state: resumed from the newest complete checkpoint, else created ----
+    # --- optimizer, and the update step compiled from the state's shapes before the state exists ------
     lr_schedule = optim.make_lr_schedule(config)
     tx = optim.make_optimizer(config)
     base_rng = jax.random.key(config.train.seed)
     init_rng, step_rng = jax.random.split(base_rng)
     checkpoints = checkpoint_lib.Checkpoints(checkpoint_lib.checkpoint_dir(config, workdir), config)
-    restored = checkpoints.restore_latest(lambda: checkpoint_lib.abstract_train_state(models, config, tx, mesh))
+    abstract_state = checkpoint_lib.abstract_train_state(models, config, tx, mesh)
+    shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
+    train_step = step_lib.jit_train_step(stage.make_train_step(models, config, tx, lr_schedule), shardings, mesh)
+    batch_sharding = mesh_lib.batch_sharding(mesh)
+    # DreamBooth samples missing class images from the base model: then the input pipeline waits for the state.
+    class_images_missing = dreambooth_data.missing_class_images(config)
+    resume_step = checkpoints.check_newest(abstract_state)  # a checkpoint that does not fit fails here
+    if not class_images_missing:
+        dataset = data_lib.make_train_dataset(config, models.tokenizer, jax.process_index(), jax.process_count())
+        step_cost = compile_step_ahead(train_step, abstract_state, dataset[resume_step], batch_sharding, step_rng)
+
+    # --- sharded state: resumed from the newest complete checkpoint, else created -------------------
+    restored = checkpoints.restore_latest(lambda: abstract_state)
     if restored:
         state, step_rng = restored.state, restored.rng
-        shardings = jax.tree.map(lambda x: x.sharding, state)
         if is_main:
             tqdm.write(f"Resuming from the checkpoint at step {restored.step} in {checkpoints.directory}.")
     else:
-        state, shardings = step_lib.create_train_state(models, config, tx, mesh, init_rng)
+        state, _ = step_lib.create_train_state(models, config, tx, mesh, init_rng)
         if config.model.vae_from:
             state = vae_lib.with_trained_vae(state, models, config)
-
-    # --- input pipeline (after the state: DreamBooth samples missing class images from the base model) -----
-    if dreambooth_data.missing_class_images(config):
+    release_freed_host_memory()
+    if class_images_missing:
         generate_class_images(models, config, mesh, state)
-    dataset = data_lib.make_train_dataset(config, models.tokenizer, jax.process_index(), jax.process_count())
-
-    # --- update step ----------------------------------------------------------------------------------
-    train_step = step_lib.jit_train_step(stage.make_train_step(models, config, tx, lr_schedule), shardings, mesh)
-    batch_sharding = mesh_lib.batch_sharding(mesh)
+        dataset = data_lib.make_train_dataset(config, models.tokenizer, jax.process_index(), jax.process_count())
+        step_cost = compile_step_ahead(train_step, state, dataset[int(state.step)], batch_sharding, step_rng)
+        release_freed_host_memory()
 
     # --- in-training grids (samples, or VAE reconstructions) and evaluation (compiled at first use) ----
     samples = stage.make_grids(models, config, mesh, workdir) if config.train.sample_every else None
@@ -189,7 +227,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     last_metrics, interrupted = {}, False
     window_start, window_steps = None, 0
     trained_s, trained_steps = 0.0, 0  # steady-state training time (logged windows), for the speed report
-    step_cost = (None, None)  # FLOPs and bytes accessed per device of the compiled step
     stop = StopRequest(enabled=jax.process_count() == 1).install()  # multi-process: JAX's preemption sync point
     try:
         for step in range(start_step + 1, total + 1):
@@ -198,12 +235,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
             batch = global_batch(local_batch, batch_sharding)
             state, metrics = train_step(state, batch, step_rng)
             window_steps += 1
-            if window_start is None:  # the first step includes compilation: time from its end
+            if window_start is None:  # the first step's dispatch and buffer allocation: time from its end
                 jax.block_until_ready(metrics)
-                try:  # the executable the first call compiled (jit caches it: no second compile)
-                    step_cost = plan_lib.executable_cost(train_step.lower(state, batch, step_rng).compile())
-                except Exception as e:  # noqa: BLE001 -- a report, never a reason to stop training
-                    logging.warning("no cost analysis of the train step (%s): the speed report has no FLOPs", e)
                 window_start, window_steps = time.perf_counter(), 0
             progress.update(1)
             if step % config.train.log_every == 0 or step == total:
@@ -229,9 +262,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
                 if is_main:
                     sample_lib.save_png(samples.path(step), grid)
                 writer.write_image(step, samples.tag, grid)
+                release_freed_host_memory()  # the first grid compiled the sampler
                 window_start, window_steps = time.perf_counter(), 0  # images/s counts training only
             if evaluator and (step % config.train.eval_every == 0 or step == total):
                 writer.write(step, evaluator.evaluate_state(state))
+                release_freed_host_memory()  # the first evaluation compiled its step
                 window_start, window_steps = time.perf_counter(), 0
             stop_now = stop.requested or checkpoints.reached_preemption(step)
             if step % config.train.checkpoint_every == 0 or step == total or stop_now:

@@ -58,11 +58,29 @@ class _RecordingBatches:
         self._inner.close()
 
 
-def _train_recording_batches(config, workdir):
-    """Runs `sdjax train` in-process; returns its result and the fingerprints of the batches it consumed."""
+def _train_recording_batches(config, workdir, events=None):
+    """Runs `sdjax train` in-process; returns its result and the fingerprints of the batches it consumed.
+    `events` (a list) gets, in order, "state created" and the name of every module XLA compiles (or reads
+    from the persistent cache)."""
+    from jax._src import compiler
     log, iterate_from = [], data_lib.iterate_from
+    events = [] if events is None else events
+    compile_or_get_cached, create_train_state = compiler.compile_or_get_cached, step_lib.create_train_state
+
+    def compiling(backend, computation, *args, **kwargs):
+        events.append(str(computation.operation.attributes["sym_name"]).strip('"'))
+        return compile_or_get_cached(backend, computation, *args, **kwargs)
+
+    def creating(*args, **kwargs):
+        created = create_train_state(*args, **kwargs)
+        if not isinstance(created[0].step, jax.core.Tracer):  # not abstract_train_state's trace of it
+            events.append("state created")
+        return created
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(data_lib, "iterate_from", lambda *a, **k: _RecordingBatches(iterate_from(*a, **k), log))
+        mp.setattr(compiler, "compile_or_get_cached", compiling)
+        mp.setattr(step_lib, "create_train_state", creating)
         result = train_lib.train(config, str(workdir))
     return result, log
 
@@ -71,8 +89,17 @@ def _train_recording_batches(config, workdir):
 def straight_run(tmp_path_factory):
     """4 uninterrupted steps, checkpoints at 2 and 4."""
     workdir = tmp_path_factory.mktemp("straight")
-    result, batches = _train_recording_batches(_config(), workdir)
-    return workdir, result, batches
+    events = []
+    result, batches = _train_recording_batches(_config(), workdir, events)
+    return workdir, result, batches, events
+
+
+def test_step_compiles_once_before_the_state_exists(straight_run):
+    """The train step compiles from the state's shapes before the state is allocated (on CPU the compiler's
+    freed memory is then returned before the step's buffers exist), and the loop's calls reuse it."""
+    events = straight_run[3]
+    assert events.count("jit_train_step") == 1, events
+    assert events.index("jit_train_step") < events.index("state created"), events
 
 
 def _copy_checkpoints(straight_run, dest, steps=(2, 4)):
@@ -101,7 +128,7 @@ def test_straight_run_saves_at_interval_and_end(straight_run):
 
 def test_resumed_run_equals_uninterrupted_run(straight_run, tmp_path):
     """Stopped after step 2 (its checkpoint), resumed with the same command: same batches, bitwise same state."""
-    _, straight, straight_batches = straight_run
+    _, straight, straight_batches, _ = straight_run
     workdir = tmp_path / "resumed"
     _copy_checkpoints(straight_run, workdir / "checkpoints", steps=(2,))
     resumed, resumed_batches = _train_recording_batches(_config(), workdir)
@@ -146,6 +173,16 @@ def test_changed_model_shape_fails_naming_array_and_config_key(straight_run, tmp
     message = str(error.value)
     assert "params.unet.down_blocks_1" in message and "(64,)" in message and "(96,)" in message
     assert "model.unet.block_out_channels: [32, 64] -> [32, 96]" in message
+
+
+def test_resuming_a_checkpoint_that_does_not_fit_fails_before_the_step_compiles(straight_run, tmp_path):
+    config = _config()
+    config.model.unet.block_out_channels = (32, 96)
+    _copy_checkpoints(straight_run, tmp_path / "checkpoints")
+    events = []
+    with pytest.raises(checkpoint_lib.CheckpointMismatchError, match="block_out_channels"):
+        _train_recording_batches(config, tmp_path, events)
+    assert "jit_train_step" not in events and "state created" not in events, events
 
 
 def test_cut_off_last_checkpoint_falls_back_to_previous_with_warning(straight_run, tmp_path, caplog):
