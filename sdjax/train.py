@@ -61,7 +61,7 @@ def release_freed_host_memory() -> None:
     """Hands the heap memory that compilation freed back to the OS (glibc's `malloc_trim`; elsewhere nothing).
 
     XLA's compiler frees its working memory when it is done, but glibc keeps the pages, and XLA:CPU's step
-    buffers (large, mmapped) do not reuse them: on CPU the peak was the compiler's leftovers plus the step's
+    buffers did not reuse them (measured): on CPU the peak was the compiler's leftovers plus the step's
     buffers. Compiling before the state exists and trimming after it is created took the CPU benchmark's peak
     RSS from 2.2 to 1.5 GiB (docs/benchmarks.md). On an accelerator it only shrinks the host process."""
     libc_name = ctypes.util.find_library("c")
