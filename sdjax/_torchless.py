@@ -17,7 +17,6 @@ tests/test_imports.py checks that `sdjax train` never loads torch.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import sys
 
@@ -25,22 +24,15 @@ import sys
 MODULES = ("sdjax.models", "sdjax.models.schedulers", "sdjax.metrics")
 
 
-@contextlib.contextmanager
-def _torch_hidden():
-    """`import torch` raises ImportError in this context (and `importlib.util.find_spec("torch")` is None)."""
+def import_without_torch() -> None:
+    """Imports MODULES with torch hidden (`import torch` raises ImportError and `find_spec("torch")` is None
+    meanwhile), unless torch or one of the libraries is imported already (they made their choice then)."""
+    if any(name in sys.modules for name in ("torch", "diffusers", "transformers", "tensorboardX")):
+        return
     sys.modules["torch"] = None
     try:
-        yield
+        for name in MODULES:
+            importlib.import_module(name)
     finally:
         if sys.modules.get("torch", 0) is None:
             del sys.modules["torch"]
-
-
-def import_without_torch() -> None:
-    """Imports MODULES with torch hidden, unless torch or one of the libraries is imported already (they
-    made their choice then)."""
-    if any(name in sys.modules for name in ("torch", "diffusers", "transformers", "tensorboardX")):
-        return
-    with _torch_hidden():
-        for name in MODULES:
-            importlib.import_module(name)

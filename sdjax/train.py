@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -64,10 +65,15 @@ def release_freed_host_memory() -> None:
     buffers did not reuse them (measured): on CPU the peak was the compiler's leftovers plus the step's
     buffers. Compiling before the state exists and trimming after it is created took the CPU benchmark's peak
     RSS from 2.2 to 1.5 GiB (docs/benchmarks.md). On an accelerator it only shrinks the host process."""
-    libc_name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(libc_name) if libc_name else None
+    libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
+
+
+@functools.cache
+def _libc():
+    libc_name = ctypes.util.find_library("c")
+    return ctypes.CDLL(libc_name) if libc_name else None
 
 
 def compile_step_ahead(train_step, state, local_batch: dict, batch_sharding, rng) -> tuple[float | None, float | None]:
