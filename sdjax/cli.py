@@ -121,7 +121,9 @@ def _plan(argv: list[str]) -> int:
     capacity = fv.hbm_gib * plan_lib.GiB if fv.hbm_gib else None
     try:
         if fv.max_batch:
-            best, plans = plan_lib.max_batch_per_device(fv.config, fv.topology, cache_dir, capacity_bytes=capacity)
+            best, plans = plan_lib.max_batch_per_device(
+                fv.config, fv.topology, cache_dir, capacity_bytes=capacity,
+                progress=lambda message: print(f"sdjax plan: {message}", file=sys.stderr, flush=True))
             plans = sorted(plans, key=lambda p: p.batch_per_device)
             print(plan_lib.format_table(plans))
             print(f"\nlargest batch that fits: {best} per device "

@@ -277,7 +277,8 @@ def _save(plan: Plan, cache_path: str | None) -> None:
 
 
 def max_batch_per_device(config: ml_collections.ConfigDict, topology: str, cache_dir: str | None,
-                         limit: int = 256, capacity_bytes: float | None = None) -> tuple[int, list[Plan]]:
+                         limit: int = 256, capacity_bytes: float | None = None,
+                         progress=None) -> tuple[int, list[Plan]]:
     """The largest per-device batch whose step fits the device's HBM (or `capacity_bytes`, e.g. to leave
     headroom); returns it and every plan compiled (or read from the cache) on the way.
 
@@ -293,7 +294,8 @@ def max_batch_per_device(config: ml_collections.ConfigDict, topology: str, cache
     Batches already in `cache_dir` (earlier plans and searches of the same config) start the search, so an
     interrupted search continues where it stopped, and one `sdjax plan --config.train.batch_size=N` that
     fits is enough to start from N: the line then runs from the step's fixed bytes at batch 0 (its
-    arguments and outputs, less the donated ones) through N."""
+    arguments and outputs, less the donated ones) through N. `progress(message)`, if given, hears of each
+    compile as it starts and ends (a real model's search runs for hours)."""
     num_devices = len(target_devices(topology))
     tried: list[Plan] = []
     totals: dict[int, int] = {}  # per-device batch -> total bytes, of the compiles that have one
@@ -337,10 +339,22 @@ def max_batch_per_device(config: ml_collections.ConfigDict, topology: str, cache
             predicted = crossing(fitting[-2], low)
             probe = 2 * low if predicted is None else predicted + 1
         else:
-            # XLA's refusals have no totals: then the line through the fitting batches, else bisection.
-            probe = crossing(low, high) or crossing(fitting[-2], low) or (low + high) // 2
+            # XLA's refusals have no totals: then the line through the fitting batches, unless it points at
+            # or past a batch already refused (XLA rematerialised near the limit and flattened the curve:
+            # stepping down from there would compile every batch in between), else bisection.
+            predicted = crossing(low, high) or crossing(fitting[-2], low)
+            probe = predicted if predicted is not None and predicted < high else (low + high) // 2
         probe = min(max(probe, low + 1), high - 1, limit)
-        if record(plan_step(with_batch(probe), topology, cache_dir)):
+        if progress:
+            progress(f"compiling {probe} per device (largest that fits so far: {low or 'none'}; smallest "
+                     f"refused: {high if high <= limit else 'none'})")
+        fits = record(plan_step(with_batch(probe), topology, cache_dir))
+        if progress:
+            plan = tried[-1]
+            memory = "" if plan.total_bytes is None else f", {plan.total_bytes / GiB:.2f} GiB"
+            took = "" if plan.compile_s is None else f" ({plan.compile_s:.0f} s)"
+            progress(f"{probe} per device: {'fits' if fits else 'does not fit'}{memory}{took}")
+        if fits:
             low = probe
             fitting.append(probe)
         else:

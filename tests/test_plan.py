@@ -46,17 +46,20 @@ def test_batch_far_beyond_hbm_reports_does_not_fit(plan_config):
     assert "NO: does not fit" in plan_lib.format_table([plan])
 
 
-def _fake_compiles(monkeypatch, total_bytes, capacity_bytes=float(2**20)):
-    """plan_step replaced by a memory model total_bytes(per-device batch); returns the batches compiled."""
+def _fake_compiles(monkeypatch, total_bytes, capacity_bytes=float(2**20), refusals_have_totals=True):
+    """plan_step replaced by a memory model total_bytes(per-device batch); returns the batches compiled.
+    `refusals_have_totals=False`: a batch that does not fit has no figures, as when XLA refuses it."""
     compiled = []
 
     def plan_step(config, topology, cache_dir=None):
         batch = config.train.batch_size // 4
         compiled.append(batch)
         total = total_bytes(batch)
+        fits = total <= capacity_bytes
         return plan_lib.Plan(topology=topology, num_devices=4, batch_per_device=batch,
-                             global_batch=config.train.batch_size, fits=total <= capacity_bytes,
-                             total_bytes=total, capacity_bytes=capacity_bytes)
+                             global_batch=config.train.batch_size, fits=fits,
+                             total_bytes=total if fits or refusals_have_totals else None,
+                             capacity_bytes=capacity_bytes)
 
     monkeypatch.setattr(plan_lib, "plan_step", plan_step)
     return compiled
@@ -76,6 +79,26 @@ def test_max_batch_search_finds_the_largest_fitting_batch_in_few_compiles(plan_c
     expected = max(b for b in range(1, 65) if total_bytes(b) <= 2**20)
     assert best == expected and [p.batch_per_device for p in plans] == compiled
     assert len(compiled) <= most_compiles, compiled
+
+
+def test_max_batch_search_bisects_when_xla_flattens_the_curve_near_the_limit(plan_config, monkeypatch):
+    # As SD 1.5 with FSDP on v5e: memory grows per image until XLA starts rematerialising near the limit,
+    # then hardly at all (5, 6 and 11 images/chip: 14.13, 14.48, 14.61 GiB of 16), and refusals come with no
+    # totals. The line through the flat part points far past the answer; stepping down from a refused batch
+    # one at a time compiled 65, 64, ..., 59 there.
+    capacity = 2**20
+
+    def total_bytes(b):
+        return capacity * (0.70 + 0.04 * b if b <= 5 else 0.90 + 0.002 * (b - 5) if b <= 20 else 2.0)
+
+    compiled = _fake_compiles(monkeypatch, total_bytes, refusals_have_totals=False)
+    messages = []
+    best, _ = plan_lib.max_batch_per_device(plan_config, "v5e:2x2", None, limit=64, progress=messages.append)
+    assert best == 20
+    assert len(compiled) <= 11, compiled  # 1, 2, 8, 13, 56, 55, then bisection; stepping down: 40 compiles
+    # Each compile is announced, then its outcome (a real model's search runs for hours).
+    assert len(messages) == 2 * len(compiled)
+    assert messages[0].startswith("compiling 1 per device") and messages[1].startswith("1 per device: fits")
 
 
 def test_max_batch_search_against_a_smaller_capacity(plan_config, monkeypatch):
