@@ -288,8 +288,9 @@ def max_batch_per_device(config: ml_collections.ConfigDict, topology: str, cache
     compiles in full, 6-10 minutes for SD 1.5 on a 2-core host), then interpolates between the largest batch
     that fits and the smallest that does not (regula falsi). On a line that is 4 compiles (1, 2, the
     crossing's neighbour, the crossing), where doubling then bisection takes about 2 log2(answer); where
-    XLA's padding and rematerialisation bend the line it still closes in. Without a capacity (CPU devices) it
-    doubles up to `limit`.
+    XLA's padding and rematerialisation bend the line it still closes in, and where they flatten it so much
+    that it points past a batch already refused, it bisects. Without a capacity (CPU devices) it doubles up
+    to `limit`.
 
     Batches already in `cache_dir` (earlier plans and searches of the same config) start the search, so an
     interrupted search continues where it stopped, and one `sdjax plan --config.train.batch_size=N` that
