@@ -54,10 +54,16 @@ def run_variant(variant: str, config_path: str, batch_size: int, repeats: int) -
                                      config.data.max_length)
     if family == "sdjax":
         import jax
-        result = step_runners.time_steps(step_runners.sdjax_runner(config, batch), repeats)
+
+        from sdjax import plan as plan_lib
+        run_step = step_runners.sdjax_runner(config, batch)
+        result = step_runners.time_steps(run_step, repeats)
         stats = jax.devices()[0].memory_stats() or {}
         result["peak_gpu_mib"] = stats.get("peak_bytes_in_use", float("nan")) / 2**20
         result["device"] = jax.devices()[0].device_kind
+        # The trainer's own speed report: the median step beside the compiled step's roofline on this device.
+        result.update(plan_lib.measured_against_roofline(result["median_step_s"], *run_step.step_cost,
+                                                          jax.devices()[0]))
     else:
         import torch
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -73,15 +79,18 @@ def run_variant(variant: str, config_path: str, batch_size: int, repeats: int) -
 def table(results: dict, batch_size: int) -> str:
     ok = {k: r for k, r in results.items() if "error" not in r}
     reference = ok.get("torch-eager")
-    lines = ["| variant | img/s | median step ms (spread) | first step s | peak GPU MiB | img/s vs torch-eager |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| variant | img/s | median step ms (spread) | first step s | peak GPU MiB | img/s vs torch-eager "
+             "| TFLOP/s (% of roofline) |", "|---|---|---|---|---|---|---|"]
     for variant, r in results.items():
         if "error" in r:
-            lines.append(f"| {variant} | failed: {r['error'][:100]} | | | | |")
+            lines.append(f"| {variant} | failed: {r['error'][:100]} | | | | | |")
             continue
         ratio = f"{reference['median_step_s'] / r['median_step_s']:.2f}x" if reference else "-"
+        achieved = (f"{r['achieved_tflops_per_device']:.3g}" if "achieved_tflops_per_device" in r else "-") + (
+            f" ({100 * r['roofline_fraction']:.0f}%)" if "roofline_fraction" in r else "")
         lines.append(f"| {variant} | {batch_size / r['median_step_s']:.1f} | {r['median_step_s'] * 1e3:.0f} "
-                     f"({r['spread_s'] * 1e3:.0f}) | {r['first_step_s']:.1f} | {r['peak_gpu_mib']:.0f} | {ratio} |")
+                     f"({r['spread_s'] * 1e3:.0f}) | {r['first_step_s']:.1f} | {r['peak_gpu_mib']:.0f} | {ratio} "
+                     f"| {achieved} |")
     return "\n".join(lines)
 
 

@@ -60,7 +60,7 @@ def sdjax_runner(config, batch: dict):
     batch_sharding = mesh_lib.batch_sharding(mesh)
     rng = jax.random.key(1)
     start = time.perf_counter()
-    train_lib.compile_step_ahead(step, abstract_state, batch, batch_sharding, rng)
+    step_cost = train_lib.compile_step_ahead(step, abstract_state, batch, batch_sharding, rng)
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
     state, _ = step_lib.create_train_state(models, config, tx, mesh, jax.random.key(0))
@@ -76,6 +76,7 @@ def sdjax_runner(config, batch: dict):
         jax.block_until_ready(metrics)
 
     run_step.compile_s = compile_s
+    run_step.step_cost = step_cost  # (FLOPs, bytes accessed) per device of the compiled step
     return run_step
 
 

@@ -82,9 +82,10 @@ def compile_step_ahead(train_step, state, local_batch: dict, batch_sharding, rng
     (jit's cache) instead of compiling. A step that cannot compile (e.g. does not fit the devices) fails here,
     before weights are loaded. Returns the compiled step's (FLOPs, bytes accessed) per device, or Nones."""
     batch = global_batch({k: v for k, v in local_batch.items() if k != "skipped"}, batch_sharding)
-    compiled = train_step.lower(state, batch, rng).compile()
+    lowered = train_step.lower(state, batch, rng)
+    compiled = lowered.compile()
     try:
-        return plan_lib.executable_cost(compiled)
+        return plan_lib.executable_cost(lowered, compiled, jax.devices())
     except Exception as e:  # noqa: BLE001 -- a report, never a reason to stop training
         logging.warning("no cost analysis of the train step (%s): the speed report has no FLOPs", e)
         return None, None

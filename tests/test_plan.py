@@ -170,8 +170,8 @@ def test_real_configs_have_published_parameter_counts(name, expected):
 
 
 class _FakeDevice:
-    def __init__(self, device_kind, bytes_limit=None):
-        self.device_kind, self._bytes_limit = device_kind, bytes_limit
+    def __init__(self, device_kind, bytes_limit=None, platform="tpu"):
+        self.device_kind, self._bytes_limit, self.platform = device_kind, bytes_limit, platform
 
     def memory_stats(self):
         return {"bytes_limit": self._bytes_limit} if self._bytes_limit else None
@@ -200,3 +200,34 @@ def test_measured_step_is_reported_against_the_roofline_of_the_device():
     assert memory_bound["roofline_step_s"] == pytest.approx(1e11 / v5e.hbm_bytes_per_s)
     on_cpu = plan_lib.measured_against_roofline(0.1, flops, bytes_accessed, _FakeDevice("cpu"))
     assert "roofline_fraction" not in on_cpu and "no roofline" in plan_lib.describe_speed(on_cpu)
+
+
+class _FakeStage:
+    """A lowered or compiled step's cost analysis, as XLA reports it."""
+
+    def __init__(self, flops, bytes_accessed):
+        self._cost = [{"flops": flops, "bytes accessed": bytes_accessed}]
+
+    def cost_analysis(self):
+        return self._cost
+
+
+def test_gpu_step_flops_are_counted_in_the_program_as_written():
+    # XLA:GPU's compiled cost analysis leaves out the cuDNN/cuBLAS calls (a fraction of the FLOPs); the lowered
+    # program is global: its FLOPs are split over the devices. Elsewhere the compiled analysis stands.
+    lowered, compiled = _FakeStage(8e12, 9e11), _FakeStage(3e11, 1e11)
+    gpus = [_FakeDevice("NVIDIA H200", platform="gpu")] * 4
+    assert plan_lib.executable_cost(lowered, compiled, gpus) == (2e12, 1e11)
+    assert plan_lib.executable_cost(lowered, compiled, [_FakeDevice("TPU v5 lite")] * 4) == (3e11, 1e11)
+    # Where the compiler counts everything (CPU here), the two analyses agree: the lowered count is the
+    # step's arithmetic, not an estimate of another kind.
+    def conv_and_dot(x, kernel, w):
+        y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jax.numpy.tanh(y.reshape(y.shape[0], -1) @ w)
+
+    shapes = [jax.ShapeDtypeStruct(s, "float32") for s in ((8, 16, 16, 32), (3, 3, 32, 32), (8192, 64))]
+    lowered = jax.jit(jax.grad(lambda *a: conv_and_dot(*a).sum(), argnums=(1, 2))).lower(*shapes)
+    on_cpu = plan_lib.executable_cost(lowered, lowered.compile(), jax.devices("cpu"))
+    as_written = plan_lib.executable_cost(lowered, _FakeStage(0.0, 1.0), [_FakeDevice("gpu", platform="gpu")])
+    assert on_cpu[0] > 2 * 8 * 16 * 16 * 9 * 32 * 32  # at least the forward convolution's multiply-adds
+    assert as_written[0] == pytest.approx(on_cpu[0], rel=0.1)
