@@ -5,7 +5,9 @@ sampled `num_images` times with the run's sampling settings, and every image is 
 generator (`sdjax/data/shapes.py: score`): background colour in the margin where no shape ever reaches,
 foreground colour inside it, and the shape that the foreground pixels overlap best. The accuracy of each
 attribute is the fraction of images that have it right; `all` counts images with all three right.
-Chance levels: background 1/6, foreground 1/5 (given the background), shape 1/3.
+Chance levels: background 1/6, foreground 1/5 (given the background), shape 1/3. `shape_iou` (mean
+intersection over union of the drawn shape with the best-fitting shape the generator would draw) says how
+cleanly the shapes are drawn, which the three-way `shape` contest does not.
 
 Beside each held-out prompt, its seen counterpart (`seen_counterpart`: the same words but another
 background, a caption the train split does show) is sampled and scored the same way, under `"seen"`: the
@@ -59,10 +61,12 @@ def seen_counterpart(caption: str, held_out) -> str:
 
 
 def accuracy(images: np.ndarray, prompts: list[str]) -> dict[str, float]:
-    """Per attribute (and `all`), the fraction of `images` (image i asked for prompts[i]) that show it."""
+    """Per attribute (and `all`), the fraction of `images` (image i asked for prompts[i]) that show it; and
+    `shape_iou`, the mean overlap of the drawn shapes with the asked-for shape (see shapes.score)."""
     scores = [shapes.score(image, prompt) for image, prompt in zip(images, prompts)]
     result = {name: float(np.mean([s[name] for s in scores])) for name in ATTRIBUTES}
-    result["all"] = float(np.mean([all(s.values()) for s in scores]))
+    result["all"] = float(np.mean([all(s[name] for name in ATTRIBUTES) for s in scores]))
+    result["shape_iou"] = float(np.mean([s["shape_iou"] for s in scores]))
     return result
 
 

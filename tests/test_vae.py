@@ -97,7 +97,7 @@ def test_eval_demo_prints_an_accuracy_in_0_1_per_attribute(two_stage_run, capsys
     held_out, seen = demo_eval.held_out_prompts(config), report["seen"]["prompts"]
     assert len(seen) == 6 and not set(seen) & set(held_out)
     assert set(report["per_prompt"]) == set(held_out) | set(seen)
-    for attribute in ("background", "foreground", "shape", "all"):
+    for attribute in ("background", "foreground", "shape", "all", "shape_iou"):
         assert 0 <= report[attribute] <= 1 and 0 <= report["seen"][attribute] <= 1, attribute
     assert report["ema"] is (config.train.ema_decay > 0)  # EMA weights are scored when the run kept them
     assert cli.main(["sdjax", "eval-demo", f"--workdir={workdir}", "--num-images=1", "--steps=2", "--noema"]) == 0
@@ -114,7 +114,7 @@ def test_eval_demo_of_the_vae_run_scores_its_reconstructions_per_shape(two_stage
     assert report["reconstructions"] is True and report["step"] == 30 and report["images"] == 6
     assert set(report["per_shape"]) == set(shapes.SHAPES)
     for scores in [report, *report["per_shape"].values()]:
-        assert all(0 <= scores[k] <= 1 for k in ("background", "foreground", "shape", "all")), scores
+        assert all(0 <= scores[k] <= 1 for k in ("background", "foreground", "shape", "all", "shape_iou")), scores
     assert grid.stat().st_size > 0
 
 

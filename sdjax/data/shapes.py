@@ -129,12 +129,16 @@ def _candidate_masks(size: int) -> tuple[np.ndarray, list[str]]:
 _CANDIDATES: dict[int, tuple[np.ndarray, list[str]]] = {}
 
 
-def score(image: np.ndarray, caption: str) -> dict[str, bool]:
+def score(image: np.ndarray, caption: str) -> dict[str, bool | float]:
     """Whether a generated uint8 image [H, W, 3] shows what `caption` asks for, where the generator puts it:
       background  the margin (never covered by a shape) is mostly the caption's background colour;
       foreground  inside it, the commonest colour other than the background is the caption's foreground;
       shape       the pixels of that colour overlap a `shape_mask` of the caption's shape (at some centre and
-                  size the generator draws) better than any mask of another shape (intersection over union).
+                  size the generator draws) better than any mask of another shape (intersection over union);
+    and how well it is drawn:
+      shape_iou   that best overlap with a mask of the caption's shape (1: exactly a shape the generator
+                  draws; 0 without a foreground). `shape` is a contest between three shapes, which a square
+                  drawn with pinched sides still wins; `shape_iou` tells such a square from a clean one.
     Colours are each pixel's nearest of COLOURS."""
     wanted = scene_from_caption(caption)
     names = list(COLOURS)
@@ -147,15 +151,16 @@ def score(image: np.ndarray, caption: str) -> dict[str, bool]:
     foreground = counts.argmax() if counts.sum() else None
     result = {"background": names[background] == wanted.background,
               "foreground": foreground is not None and names[foreground] == wanted.foreground,
-              "shape": False}
+              "shape": False, "shape_iou": 0.0}
     if foreground is not None:
         if size not in _CANDIDATES:
             _CANDIDATES[size] = _candidate_masks(size)
         masks, shapes = _CANDIDATES[size]
         drawn = (labels == foreground).reshape(-1).astype(np.float32)
         intersection = masks @ drawn
-        union = masks.sum(axis=1) + drawn.sum() - intersection
-        result["shape"] = shapes[int(np.argmax(intersection / union))] == wanted.shape
+        iou = intersection / (masks.sum(axis=1) + drawn.sum() - intersection)
+        result["shape"] = shapes[int(np.argmax(iou))] == wanted.shape
+        result["shape_iou"] = float(iou[np.asarray(shapes) == wanted.shape].max())
     return result
 
 
