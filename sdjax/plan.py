@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import time
@@ -167,12 +168,41 @@ def target_devices(topology: str) -> list:
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     os.environ.setdefault("TPU_STDERR_LOG_LEVEL", "3")
     os.environ.setdefault("TPU_MIN_LOG_LEVEL", "3")
+    if _host_has_no_tpu():
+        # Without a TPU VM's metadata, libtpu's start-up prints an "INVALID_ARGUMENT: unexpected worker
+        # hostname" error and a warning about the accelerator type (harmless for compiling); name them.
+        # Only here: on a TPU VM the metadata server says what they are.
+        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+        os.environ.setdefault("TPU_ACCELERATOR_TYPE", _accelerator_type(topology))
     from jax.experimental import topologies
     try:
         return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
     except Exception as e:  # libtpu missing or a bad topology string
         raise ValueError(f"--topology {topology!r}: cannot get TPU devices ({e}). Install the TPU compiler with "
                          "pip install 'sdjax[tpu]'.") from None
+
+
+def _host_has_no_tpu() -> bool:
+    """Whether this host has no TPU chip, as JAX's Cloud TPU start-up decides it (False when that private
+    helper is gone: then libtpu's start-up messages stay, and nothing else changes)."""
+    try:
+        from jax._src import hardware_utils
+        return hardware_utils.num_available_tpu_chips_and_device_id()[0] == 0
+    except (ImportError, AttributeError):
+        return False
+
+
+def _accelerator_type(topology: str) -> str:
+    """Cloud TPU's name for a slice of this topology: v5e and v6e count chips, v4 and v5p TensorCores (2 per
+    chip): v5e:2x2 -> v5litepod-4, v5p:2x2x1 -> v5p-8."""
+    generation = _chip_name(topology)
+    chips = _num_chips(topology)
+    return {"v4": f"v4-{2 * chips}", "v5e": f"v5litepod-{chips}", "v5p": f"v5p-{2 * chips}",
+            "v6e": f"v6e-{chips}"}[generation]
+
+
+def _num_chips(topology: str) -> int:
+    return math.prod(int(d) for d in re.findall(r"\d+", topology.split(":")[1]))
 
 
 def _device_spec(topology: str, devices: list) -> ChipSpec | None:
@@ -182,11 +212,7 @@ def _device_spec(topology: str, devices: list) -> ChipSpec | None:
     chip = _chip_name(topology)
     if chip is None:
         return None
-    dims = re.findall(r"\d+", topology.split(":")[1])
-    num_chips = 1
-    for d in dims:
-        num_chips *= int(d)
-    per_chip = max(len(devices) // num_chips, 1)
+    per_chip = max(len(devices) // _num_chips(topology), 1)
     spec = CHIPS[chip]
     return ChipSpec(spec.hbm_bytes / per_chip, spec.peak_bf16_flops / per_chip, spec.hbm_bytes_per_s / per_chip)
 

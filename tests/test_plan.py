@@ -3,6 +3,8 @@
 import contextlib
 import io
 import os
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -145,6 +147,17 @@ def test_cli_plan_on_cpu_devices_prints_table_and_caches(tmp_path):
         table = out.getvalue()
         assert "| cpu:8 | 1 |" in table and "yes" in table, table
         assert len(os.listdir(tmp_path)) == 1  # one cached compile result, reused by the second call
+
+
+def test_tpu_compiler_starts_without_error_messages_on_a_host_without_tpu():
+    # A fresh process: libtpu prints its start-up complaints once, when it is first loaded.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_")}
+    code = "from sdjax import plan; print(len(plan.target_devices('v5p:2x2x1')), plan._accelerator_type('v5p:2x2x1'))"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["4", "v5p-8"]  # Cloud TPU counts v5p's TensorCores, 2 per chip
+    assert "INVALID_ARGUMENT" not in proc.stderr and "WARNING" not in proc.stderr, proc.stderr
+    assert plan_lib._accelerator_type("v5e:4x4") == "v5litepod-16"
 
 
 def test_unknown_topology_is_a_clear_error(plan_config):
