@@ -146,6 +146,11 @@ def _manager_options(keep_last: int = 1, keep_every: int = 0, read_only: bool = 
 def _open_manager(directory: epath.Path, options: ocp.CheckpointManagerOptions) -> ocp.CheckpointManager:
     # Handlers named up front: a fresh manager can then read a checkpoint's metadata before any restore.
     handlers = {"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    # Orbax's array writer refuses a relative path ("Checkpoint path should be absolute"), and only in its
+    # background thread, at the first save: `--workdir workdirs/demo` (the README's) is relative to the
+    # current directory. gs:// paths are absolute already.
+    if not directory.is_absolute():
+        directory = directory.absolute()
     return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 

@@ -250,6 +250,22 @@ def test_inference_params_are_ema_when_present(tmp_path, tiny_config):
         checkpoint_lib.load_params_for_inference(str(tmp_path), step=3)
 
 
+def test_relative_workdir_saves_resumes_and_loads(tmp_path, tiny_config, monkeypatch):
+    # `sdjax train --workdir workdirs/demo` (the README's): orbax writes only to absolute paths.
+    monkeypatch.chdir(tmp_path)
+    checkpoints = checkpoint_lib.Checkpoints(checkpoint_lib.checkpoint_dir(tiny_config, "workdirs/run"), tiny_config)
+    for step in (1, 2):
+        checkpoints.save(step, _small_state(step), jax.random.key(0))
+    checkpoints.close()
+    assert sorted(os.listdir(tmp_path / "workdirs" / "run" / "checkpoints")) == ["1", "2"]
+    _, params, step = checkpoint_lib.load_params_for_inference("workdirs/run")
+    assert step == 2 and params["unet"]["w"][0] == 2.0
+    reopened = checkpoint_lib.Checkpoints(checkpoint_lib.checkpoint_dir(tiny_config, "workdirs/run"), tiny_config)
+    restored = reopened.restore_latest(lambda: _small_state(0))
+    reopened.close()
+    assert int(restored.state.step) == 2
+
+
 @pytest.mark.parametrize("key,value", [("checkpoint_every", 0), ("keep_checkpoints", 0),
                                        ("keep_checkpoint_every", 3)])
 def test_bad_checkpoint_settings_are_config_errors(tiny_config, key, value):
