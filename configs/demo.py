@@ -1,8 +1,8 @@
 """The embedded default, in two stages, from scratch on the generated captioned-shapes dataset ("a red circle
 on a blue background"): first the tiny VAE (configs/demo_vae.py, into WORKDIR/vae), then the tiny UNet on
 its latents, conditioned by a tiny CLIP text encoder trained from scratch with it. The UNet predicts v (not
-epsilon), with Min-SNR weighting: see below. No download; 11.5 minutes on a 2-core AMD EPYC host (about 20 on
-a 2-core Intel Xeon VM). The last sample grid
+epsilon), with Min-SNR weighting: see below. No download; 11.5 to 19.5 minutes on this project's 2-core hosts,
+depending on the CPU (README). The last sample grid
 (WORKDIR/samples) shows the held-out prompts, which training never saw;
 `sdjax eval-demo --workdir WORKDIR` scores them.
 
@@ -51,7 +51,7 @@ def get_config():
     c.optimizer.decay = "cosine"
     c.optimizer.end_learning_rate = 2e-4
 
-    # 6000 steps of 16 (0.093 s a step on a 2-core AMD EPYC, 0.15-0.17 s on a 2-core Intel Xeon): 3000 steps
+    # 6000 steps of 16 (0.093-0.148 s a step on 2-core AMD EPYC VMs, 0.15-0.17 s on a 2-core Xeon): 3000 steps
     # drew the held-out colours but 0.55-0.77 of the shapes over three seeds (squares came out round); 6000
     # drew every one, for two seeds (docs/demo.md). 2000 steps of 32 took longer (0.30 s a step on the Xeon)
     # and drew fewer of the shapes.

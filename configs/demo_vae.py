@@ -25,7 +25,7 @@ def get_config():
     c.optimizer.decay = "cosine"
     c.optimizer.end_learning_rate = 1e-4
 
-    # 800 steps of 16: 0.131 s a step on a 2-core AMD EPYC (1.7 of the demo's 11.5 minutes), 0.23 s on a
+    # 800 steps of 16: 0.131-0.214 s a step on 2-core AMD EPYC VMs (1.7-2.9 minutes of the demo), 0.23 s on a
     # 2-core Intel Xeon. 400 steps of 32, the same images at about the same cost, rounded the squares' corners
     # (eval-demo on the VAE run: squares 0.77 then, 1.00 now); 800 steps of 32 took 6.9 minutes for the same
     # (docs/demo.md).
