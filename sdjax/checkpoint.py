@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging as std_logging
 from typing import Any, Callable
 
 import jax
@@ -31,6 +32,18 @@ from sdjax import step as step_lib
 
 COMMIT_MARKER = "commit_success.txt"  # orbax writes it last, on every filesystem
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"  # a step directory orbax was still writing
+
+
+class _DropReadOnlyNotice(std_logging.Filter):
+    """Orbax warns "Given directory is read only=DIR" whenever a manager is opened read-only, which sdjax does
+    on purpose to read a run (sample, export, eval-demo, the UNet stage reading its VAE stage): not a problem
+    for the user to see on every command."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Given directory is read only=")
+
+
+std_logging.getLogger("absl").addFilter(_DropReadOnlyNotice())
 
 
 class CheckpointMismatchError(ValueError):

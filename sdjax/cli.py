@@ -11,6 +11,7 @@ import sys
 from absl import flags, logging
 from ml_collections import config_flags
 
+from sdjax import libtpu_host
 from sdjax._torchless import import_without_torch
 
 USAGE = """usage: sdjax <command> [flags]
@@ -296,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if command != "export":  # the one command that uses diffusers' and transformers' PyTorch classes
         import_without_torch()
+    if command != "plan":  # `sdjax plan` names the TPU slice it compiles for (plan.target_devices)
+        libtpu_host.quiet_start_up()
     return COMMANDS[command]([f"sdjax {command}"] + argv[2:])
 
 

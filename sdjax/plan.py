@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from sdjax import config as config_lib
+from sdjax import libtpu_host
 from sdjax import mesh as mesh_lib
 from sdjax import models as models_lib
 from sdjax import optim
@@ -150,6 +151,8 @@ def _chip_name(topology: str) -> str | None:
 
 def target_devices(topology: str) -> list:
     """The devices to compile for: a TPU topology description, emulated CPU devices, or the local ones."""
+    if _chip_name(topology) is None:
+        libtpu_host.quiet_start_up()  # a CPU or local plan on a host with jax[tpu] but no TPU chip
     if topology == "local":
         return jax.devices()
     if topology.startswith("cpu:"):
@@ -168,28 +171,13 @@ def target_devices(topology: str) -> list:
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     os.environ.setdefault("TPU_STDERR_LOG_LEVEL", "3")
     os.environ.setdefault("TPU_MIN_LOG_LEVEL", "3")
-    if _host_has_no_tpu():
-        # Without a TPU VM's metadata, libtpu's start-up prints an "INVALID_ARGUMENT: unexpected worker
-        # hostname" error and a warning about the accelerator type (harmless for compiling); name them.
-        # Only here: on a TPU VM the metadata server says what they are.
-        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-        os.environ.setdefault("TPU_ACCELERATOR_TYPE", _accelerator_type(topology))
+    libtpu_host.quiet_start_up(_accelerator_type(topology))  # on a host without TPU chips
     from jax.experimental import topologies
     try:
         return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
     except Exception as e:  # libtpu missing or a bad topology string
         raise ValueError(f"--topology {topology!r}: cannot get TPU devices ({e}). Install the TPU compiler with "
                          "pip install 'sdjax[tpu]'.") from None
-
-
-def _host_has_no_tpu() -> bool:
-    """Whether this host has no TPU chip, as JAX's Cloud TPU start-up decides it (False when that private
-    helper is gone: then libtpu's start-up messages stay, and nothing else changes)."""
-    try:
-        from jax._src import hardware_utils
-        return hardware_utils.num_available_tpu_chips_and_device_id()[0] == 0
-    except (ImportError, AttributeError):
-        return False
 
 
 def _accelerator_type(topology: str) -> str:

@@ -250,7 +250,7 @@ def test_inference_params_are_ema_when_present(tmp_path, tiny_config):
         checkpoint_lib.load_params_for_inference(str(tmp_path), step=3)
 
 
-def test_relative_workdir_saves_resumes_and_loads(tmp_path, tiny_config, monkeypatch):
+def test_relative_workdir_saves_resumes_and_loads(tmp_path, tiny_config, monkeypatch, caplog):
     # `sdjax train --workdir workdirs/demo` (the README's): orbax writes only to absolute paths.
     monkeypatch.chdir(tmp_path)
     checkpoints = checkpoint_lib.Checkpoints(checkpoint_lib.checkpoint_dir(tiny_config, "workdirs/run"), tiny_config)
@@ -258,8 +258,10 @@ def test_relative_workdir_saves_resumes_and_loads(tmp_path, tiny_config, monkeyp
         checkpoints.save(step, _small_state(step), jax.random.key(0))
     checkpoints.close()
     assert sorted(os.listdir(tmp_path / "workdirs" / "run" / "checkpoints")) == ["1", "2"]
-    _, params, step = checkpoint_lib.load_params_for_inference("workdirs/run")
+    with caplog.at_level("WARNING"):
+        _, params, step = checkpoint_lib.load_params_for_inference("workdirs/run")
     assert step == 2 and params["unet"]["w"][0] == 2.0
+    assert not [r for r in caplog.records if "read only" in r.getMessage()]  # orbax's notice, dropped
     reopened = checkpoint_lib.Checkpoints(checkpoint_lib.checkpoint_dir(tiny_config, "workdirs/run"), tiny_config)
     restored = reopened.restore_latest(lambda: _small_state(0))
     reopened.close()

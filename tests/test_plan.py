@@ -13,6 +13,8 @@ from sdjax import cli
 from sdjax import models as models_lib
 from sdjax import plan as plan_lib
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 @pytest.fixture
 def plan_config(tiny_config):  # 16 px, as tiny_config: 32 px took the TPU compiles 167 s instead of 94
@@ -158,6 +160,18 @@ def test_tpu_compiler_starts_without_error_messages_on_a_host_without_tpu():
     assert proc.stdout.split() == ["4", "v5p-8"]  # Cloud TPU counts v5p's TensorCores, 2 per chip
     assert "INVALID_ARGUMENT" not in proc.stderr and "WARNING" not in proc.stderr, proc.stderr
     assert plan_lib._accelerator_type("v5e:4x4") == "v5litepod-16"
+
+
+def test_other_commands_start_without_libtpu_error_messages_on_a_host_without_tpu(tmp_path):
+    # `sdjax train` with a bad config: it starts JAX's backends (libtpu too, where jax[tpu] is installed, as in
+    # the test extra), then stops at the config check. As from a user's shell: no JAX_PLATFORMS=cpu (conftest's).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_") and k != "JAX_PLATFORMS"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "sdjax.cli", "train", f"--config={os.path.join(ROOT, 'configs', 'demo.py')}",
+         f"--workdir={tmp_path}", "--config.train.batch_size=0"], env=env, capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode != 0 and "config.train.batch_size=0 is invalid" in proc.stderr, proc.stderr
+    assert "INVALID_ARGUMENT" not in proc.stderr and "TPU_ACCELERATOR_TYPE" not in proc.stderr, proc.stderr
 
 
 def test_unknown_topology_is_a_clear_error(plan_config):
