@@ -151,8 +151,9 @@ def _chip_name(topology: str) -> str | None:
 
 def target_devices(topology: str) -> list:
     """The devices to compile for: a TPU topology description, emulated CPU devices, or the local ones."""
-    if _chip_name(topology) is None:
-        libtpu_host.quiet_start_up()  # a CPU or local plan on a host with jax[tpu] but no TPU chip
+    # On a host with jax[tpu] but no TPU chip: the slice compiled for (any, for a CPU or local plan).
+    generation = _chip_name(topology)
+    libtpu_host.quiet_start_up(_accelerator_type(topology) if generation else libtpu_host.NO_TPU_ACCELERATOR_TYPE)
     if topology == "local":
         return jax.devices()
     if topology.startswith("cpu:"):
@@ -162,7 +163,7 @@ def target_devices(topology: str) -> list:
             raise ValueError(f"--topology {topology}: only {len(devices)} CPU devices; set XLA_FLAGS="
                              f"--xla_force_host_platform_device_count={count} before starting.")
         return devices[:count]
-    if _chip_name(topology) is None:
+    if generation is None:
         tpus = sorted(name for name, spec in CHIPS.items() if spec.platform == "tpu")
         raise ValueError(f"--topology {topology!r}: expected one of {tpus} as 'v5e:2x2', or 'cpu:N', "
                          "or 'local'.")
@@ -171,7 +172,6 @@ def target_devices(topology: str) -> list:
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     os.environ.setdefault("TPU_STDERR_LOG_LEVEL", "3")
     os.environ.setdefault("TPU_MIN_LOG_LEVEL", "3")
-    libtpu_host.quiet_start_up(_accelerator_type(topology))  # on a host without TPU chips
     from jax.experimental import topologies
     try:
         return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
