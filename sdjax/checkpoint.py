@@ -13,7 +13,6 @@ marker was cut off mid-write: it is skipped with a warning, never restored.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging as std_logging
@@ -28,7 +27,6 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
 from sdjax import lora as lora_lib
-from sdjax import step as step_lib
 
 COMMIT_MARKER = "commit_success.txt"  # orbax writes it last, on every filesystem
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"  # a step directory orbax was still writing
@@ -56,7 +54,7 @@ class NoCheckpointError(FileNotFoundError):
 
 @dataclasses.dataclass
 class Restored:
-    state: step_lib.TrainState
+    state: Any  # the TrainState (sdjax/step.py), restored onto the target's shardings
     rng: jax.Array  # the step RNG key the run folds the step into
     step: int
     data_position: int  # global batches consumed; the dataset item to read next
@@ -79,25 +77,6 @@ def config_from_dict(values: dict) -> ml_collections.ConfigDict:
             return tuple(tuples(v) for v in value)
         return value
     return ml_collections.ConfigDict(tuples(values))
-
-
-def abstract_train_state(models, config: ml_collections.ConfigDict, tx, mesh) -> step_lib.TrainState:
-    """ShapeDtypeStructs with the target shardings of the TrainState `create_train_state` would build.
-
-    Traced, not run: nothing is allocated, and neither a `model.pretrained` folder's weights nor LPIPS's are
-    read (the models, already built from their configs, give the same shapes)."""
-    from_scratch = copy.deepcopy(config)
-    from_scratch.model.pretrained = ""
-    from_scratch.vae_train.perceptual_weights = ""
-    shardings = {}
-
-    def create(rng):
-        state, shardings["state"] = step_lib.create_train_state(models, from_scratch, tx, mesh, rng)
-        return state
-
-    shapes = jax.eval_shape(create, jax.random.key(0))
-    return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-                        shapes, shardings["state"])
 
 
 def _flat_shapes(tree) -> dict[str, tuple]:
@@ -202,7 +181,7 @@ class Checkpoints:
         """(sdjax's metadata, the saved state's tree metadata) of checkpoint `step`; raises if unreadable."""
         return _restore_meta(self._manager, step), self._manager.item_metadata(step)["state"].tree
 
-    def check_newest(self, abstract_state: step_lib.TrainState) -> int:
+    def check_newest(self, abstract_state) -> int:
         """The step of the newest checkpoint whose metadata reads (0 if none), checked against the config and
         `abstract_state` (CheckpointMismatchError): the trainer asks before it compiles, restores after."""
         for step in reversed(self._complete_steps):
@@ -214,7 +193,7 @@ class Checkpoints:
             return step
         return 0
 
-    def restore_latest(self, abstract_state: Callable[[], step_lib.TrainState]) -> Restored | None:
+    def restore_latest(self, abstract_state: Callable[[], Any]) -> Restored | None:
         """The newest readable checkpoint, restored onto `abstract_state()`'s shardings; None if there is none.
 
         A checkpoint that cannot be read (files missing or damaged) is skipped with a warning; one that reads
@@ -253,7 +232,7 @@ class Checkpoints:
         logging.warning("Checkpoint %s is incomplete or damaged, using the one before it: %s", where, reason)
         return f"{where}: {reason}"
 
-    def save(self, step: int, state: step_lib.TrainState, rng: jax.Array) -> None:
+    def save(self, step: int, state, rng: jax.Array) -> None:
         """Starts an asynchronous save of `state` at `step` (a no-op if that step is saved already)."""
         if step in self._manager.all_steps():
             return

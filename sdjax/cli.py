@@ -90,11 +90,12 @@ def _train(argv: list[str], stage: str | None = None) -> int:
     from sdjax import train as train_lib
     from sdjax.config import ConfigError
     from sdjax.data import DataError
+    from sdjax.run_config import command_line_keys
 
     if stage:
         fv.config.train.stage = stage
     try:
-        result = train_lib.train(fv.config, fv.workdir)
+        result = train_lib.train(fv.config, fv.workdir, command_line_keys(argv))
     except (ConfigError, DataError) as e:
         sys.exit(f"{argv[0]}: {e}")
     if jax.process_index() == 0:
@@ -150,9 +151,9 @@ def _cache_latents(argv: list[str]) -> int:
     from sdjax import distributed
     distributed.initialize()  # on a TPU pod every host encodes its share of the records into its own shard
 
+    from sdjax.cache_latents import cache_latents
     from sdjax.config import ConfigError
     from sdjax.data import DataError
-    from sdjax.data.latent_cache import cache_latents
 
     try:
         summary = cache_latents(fv.config, fv.out)

@@ -35,6 +35,7 @@ from sdjax import sample as sample_lib
 from sdjax import vae as vae_lib
 from sdjax.data import shapes
 from sdjax.data.preprocess import to_pixels
+from sdjax.images import image_grid, save_png, to_uint8
 
 ATTRIBUTES = ("background", "foreground", "shape")
 
@@ -95,13 +96,13 @@ def evaluate_vae(config: ml_collections.ConfigDict, params: dict, step: int, num
     reconstruct_pixels = jax.jit(lambda params, pixels: vae_lib.reconstruct(models, params, pixels))
 
     def reconstruct(images):
-        return sample_lib.to_uint8(reconstruct_pixels(params, to_pixels(images)))
+        return to_uint8(reconstruct_pixels(params, to_pixels(images)))
 
     # the eval split's scenes (its seed is the train split's + 1: data/sources.py); --seed picks others
     scene_seed = config.data.demo_seed + 1 + seed
     report, images = score_reconstructions(reconstruct, config.data.resolution, num_images, scene_seed)
     if out and jax.process_index() == 0:  # rows: circles, squares, triangles
-        sample_lib.save_png(out, sample_lib.image_grid(images, num_images))
+        save_png(out, image_grid(images, num_images))
     return {"step": step, "reconstructions": True, **report}
 
 
@@ -130,7 +131,7 @@ def evaluate(workdir: str, step: int | None = None, num_images: int = 8, schedul
     images = sampler(jax.device_put(params, mesh_lib.replicated(mesh)), asked, config.sample.negative_prompt,
                      seed, guidance)
     if out and jax.process_index() == 0:  # rows: the held-out prompts, then their seen counterparts
-        sample_lib.save_png(out, sample_lib.image_grid(images, num_images))
+        save_png(out, image_grid(images, num_images))
     per_prompt = {prompt: accuracy(images[i * num_images:(i + 1) * num_images], [prompt] * num_images)
                   for i, prompt in enumerate(prompts + seen)}
     held = len(prompts) * num_images

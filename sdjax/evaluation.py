@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -21,7 +20,6 @@ from sdjax import data as data_lib
 from sdjax import mesh as mesh_lib
 from sdjax import models as models_lib
 from sdjax import step as step_lib
-from sdjax.data.records import CheckedSource
 from sdjax.models import noise as noise_lib
 
 EVAL_SEED = 0
@@ -51,28 +49,14 @@ def batch_loss(models: models_lib.Models, config: ml_collections.ConfigDict, num
     return jnp.mean(jnp.square(prediction.astype(jnp.float32) - target))
 
 
-def eval_dataset(config: ml_collections.ConfigDict, tokenizer, per_host_batch: int) -> grain.MapDataset:
-    """Host batches of the eval split, without augmentation or caption dropout; the same every time."""
-    records = CheckedSource(data_lib.make_source(config, "eval"), (config.data.resolution,) * 2,
-                            config.data.min_image_size)
-    preprocess = data_lib.make_preprocess(config, tokenizer, train=False)
-
-    def model_inputs(index: int, record: dict) -> dict:
-        inputs = preprocess(record, np.random.default_rng(index))  # the rng only picks among several captions
-        inputs.pop("skipped", None)
-        return inputs
-
-    return grain.MapDataset.source(records).map_with_index(model_inputs).batch(per_host_batch, drop_remainder=True)
-
-
 class Evaluator:
     """`evaluator(params) -> eval loss` over the first whole global batches of the eval split."""
 
     def __init__(self, models: models_lib.Models, config: ml_collections.ConfigDict, mesh):
         global_batch = config.train.batch_size
-        self.process_count, self.process_index = jax.process_count(), jax.process_index()
-        self.host_batches = eval_dataset(config, models.tokenizer, global_batch // self.process_count)
-        self.num_batches = len(self.host_batches) // self.process_count
+        self.host_batches = data_lib.unaugmented_batches(config, models.tokenizer, "eval",
+                                                         global_batch // jax.process_count())
+        self.num_batches = len(self.host_batches) // jax.process_count()
         if self.num_batches == 0:
             raise data_lib.DataError(f"the eval split of {data_lib.source_name(config)} has fewer examples than "
                                      f"one global batch (train.batch_size={global_batch})")
@@ -81,11 +65,8 @@ class Evaluator:
         self._batch_loss = jax.jit(loss, out_shardings=mesh_lib.replicated(mesh))
 
     def __call__(self, params: dict) -> float:
-        losses = []
-        for index in range(self.num_batches):
-            host_batch = self.host_batches[index * self.process_count + self.process_index]
-            batch = {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in host_batch.items()}
-            losses.append(self._batch_loss(params, batch, np.int32(index)))
+        losses = [self._batch_loss(params, batch, np.int32(index))
+                  for index, batch in enumerate(mesh_lib.global_batches(self.host_batches, self.batch_sharding))]
         return float(np.mean(jax.device_get(losses)))  # equal batch sizes: the mean over examples
 
     def evaluate_state(self, state: step_lib.TrainState) -> dict[str, float]:

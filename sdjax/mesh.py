@@ -19,9 +19,34 @@ import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from sdjax.config import MESH_AXES, mesh_shape
+from sdjax.config import ConfigError
 
+MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
+
+
+def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+    """Axis sizes with -1 resolved; raises ConfigError if they cannot tile `num_devices`."""
+    sizes = {axis: int(config.mesh[axis]) for axis in MESH_AXES}
+    for axis, size in sizes.items():
+        if size == 0 or size < -1:
+            raise ConfigError(f"mesh.{axis}", size, "expected a positive axis size or -1 (fill)")
+    free = [axis for axis, size in sizes.items() if size == -1]
+    if len(free) > 1:
+        raise ConfigError(f"mesh.{free[1]}", -1, "only one mesh axis may be -1")
+    fixed = 1
+    for size in sizes.values():
+        fixed *= size if size != -1 else 1
+    if free:
+        if num_devices % fixed:
+            culprit = next(axis for axis, size in sizes.items() if size not in (-1, 1))
+            raise ConfigError(f"mesh.{culprit}", sizes[culprit], f"the fixed mesh axes ({fixed} devices) do not "
+                                                                 f"divide the {num_devices} devices present")
+        sizes[free[0]] = num_devices // fixed
+    elif fixed != num_devices:
+        raise ConfigError("mesh", dict(sizes), f"the axis sizes multiply to {fixed}, but {num_devices} devices "
+                                               "are present (set one axis to -1 to fill)")
+    return sizes
 
 
 def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
@@ -58,3 +83,18 @@ def tree_shardings(tree, mesh: Mesh, min_size: int):
     """NamedShardings for a pytree of arrays/ShapeDtypeStructs (params, optimizer state) by the fsdp rule."""
     fsdp_size = mesh.shape["fsdp"]
     return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), fsdp_size, min_size)), tree)
+
+
+def host_to_global(host_batch: dict, sharding: NamedSharding) -> dict:
+    """This process's numpy slice of a batch -> one global jax.Array per field, split over the data-parallel
+    devices (the processes' slices side by side, in process order). Every process calls it together."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in host_batch.items()}
+
+
+def global_batches(host_batches, sharding: NamedSharding):
+    """Global batches from a sequence of host-sized batches that every process reads whole (held-out data):
+    global batch i is host batches i * P .. i * P + P - 1, of which process p contributes i * P + p. Only
+    whole global batches: len(host_batches) // P of them."""
+    count, index = jax.process_count(), jax.process_index()
+    for i in range(len(host_batches) // count):
+        yield host_to_global(host_batches[i * count + index], sharding)

@@ -22,10 +22,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from PIL import Image
 
+from sdjax import checkpoint as checkpoint_lib
 from sdjax import mesh as mesh_lib
 from sdjax import models as models_lib
+from sdjax.config import base_config
+from sdjax.data import dreambooth
+from sdjax.images import image_grid, save_images, save_png, to_uint8
 from sdjax.models import schedulers as schedulers_lib
 
 
@@ -43,11 +46,6 @@ def interleave_pairs(uncond: jax.Array, cond: jax.Array) -> jax.Array:
 def split_pairs(paired: jax.Array) -> tuple[jax.Array, jax.Array]:
     pairs = paired.reshape((-1, 2) + paired.shape[1:])
     return pairs[:, 0], pairs[:, 1]
-
-
-def to_uint8(images: jax.Array) -> jax.Array:
-    """[-1, 1] -> [0, 255] uint8."""
-    return jnp.round(jnp.clip(images / 2 + 0.5, 0, 1) * 255).astype(jnp.uint8)
 
 
 def latent_shape(models: models_lib.Models, resolution: int) -> tuple[int, int, int]:
@@ -131,29 +129,6 @@ def repeat_prompts(prompts: list[str], images_per_prompt: int) -> list[str]:
     return [prompt for prompt in prompts for _ in range(images_per_prompt)]
 
 
-def image_grid(images: np.ndarray, columns: int) -> np.ndarray:
-    """uint8 [N, H, W, 3] -> one [rows * H, columns * W, 3] image, row by row (black where N runs out)."""
-    count, height, width, channels = images.shape
-    rows = math.ceil(count / columns)
-    padded = np.zeros((rows * columns, height, width, channels), np.uint8)
-    padded[:count] = images
-    return padded.reshape(rows, columns, height, width, channels).swapaxes(1, 2).reshape(
-        rows * height, columns * width, channels)
-
-
-def save_png(path: str, image: np.ndarray) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(image).save(path)
-
-
-def save_images(folder: str, images: np.ndarray) -> list[str]:
-    """One PNG per image: FOLDER/image_0000.png, ... (index = the image's seed offset)."""
-    paths = [os.path.join(folder, f"image_{j:04d}.png") for j in range(len(images))]
-    for path, image in zip(paths, images):
-        save_png(path, image)
-    return paths
-
-
 class TrainingSamples:
     """The fixed grid of `config.sample` (rows: prompts, columns: seeds), sampled during training into
     WORKDIR/samples/step_XXXXXX.png; the same noise every time, so grids compare across steps."""
@@ -176,6 +151,27 @@ class TrainingSamples:
         return os.path.join(self.folder, f"step_{step:06d}.png")
 
 
+def sample_class_images(sampler: Sampler, params: dict, config: ml_collections.ConfigDict, batch_size: int,
+                        write: bool = True) -> list[str]:
+    """DreamBooth prior preservation: samples the missing class images with `sampler` from `params`, `batch_size`
+    at a time, into the class folder as class_NNNNN.png (when `write`); returns their paths. The images are
+    numbered on from those present and seeded by that number, so an interrupted generation goes on with new
+    images."""
+    db, sample = config.dreambooth, config.sample
+    first = len(dreambooth.image_files(db.class_data_dir))
+    paths = []
+    for start in range(first, first + dreambooth.missing_class_images(config), batch_size):
+        count = min(batch_size, db.num_class_images - start)
+        images = sampler(params, [db.class_prompt] * count, sample.negative_prompt, seed=sample.seed + start,
+                         guidance=sample.guidance)
+        for offset, image in enumerate(images):
+            path = os.path.join(db.class_data_dir, f"class_{start + offset:05d}.png")
+            if write:
+                save_png(path, image)
+            paths.append(path)
+    return paths
+
+
 # --- what `sdjax sample` samples from ---------------------------------------------------------------
 
 
@@ -191,13 +187,11 @@ def load_for_sampling(workdir: str | None = None, step: int | None = None, pretr
         raise SampleSourceError("give exactly one of --workdir (a `sdjax train` run) and --pretrained (a local "
                                 "diffusers-format folder)")
     if workdir:
-        from sdjax import checkpoint
-        config, params, step = checkpoint.load_params_for_inference(workdir, step, use_ema=use_ema)
+        config, params, step = checkpoint_lib.load_params_for_inference(workdir, step, use_ema=use_ema)
         if config.train.get("stage", "unet") == "vae":
             raise SampleSourceError(f"{workdir} is a VAE run (`sdjax train-vae`): it has no UNet to sample; train "
                                     f"one on it with --config.model.vae_from={workdir}")
         return config, params, step
-    from sdjax.config import base_config
     config = base_config()
     config.model.pretrained = pretrained
     config.diffusion.update(schedulers_lib.diffusion_config_from_folder(pretrained))

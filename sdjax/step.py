@@ -11,6 +11,7 @@ Compute runs in the models' dtype (bf16 by default); params and optimizer state 
 
 from __future__ import annotations
 
+import copy
 import functools
 from typing import Any, Callable
 
@@ -132,6 +133,25 @@ def create_train_state(models: models_lib.Models, config: ml_collections.ConfigD
                                                        params_shardings[models_lib.PERCEPTUAL])
     state = jax.jit(init_state, out_shardings=shardings, donate_argnums=0)(params, lora_rng)
     return state, shardings
+
+
+def abstract_train_state(models, config: ml_collections.ConfigDict, tx, mesh) -> TrainState:
+    """ShapeDtypeStructs with the target shardings of the TrainState `create_train_state` would build.
+
+    Traced, not run: nothing is allocated, and neither a `model.pretrained` folder's weights nor LPIPS's are
+    read (the models, already built from their configs, give the same shapes)."""
+    from_scratch = copy.deepcopy(config)
+    from_scratch.model.pretrained = ""
+    from_scratch.vae_train.perceptual_weights = ""
+    shardings = {}
+
+    def create(rng):
+        state, shardings["state"] = create_train_state(models, from_scratch, tx, mesh, rng)
+        return state
+
+    shapes = jax.eval_shape(create, jax.random.key(0))
+    return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                        shapes, shardings["state"])
 
 
 def make_example_losses(models: models_lib.Models, config: ml_collections.ConfigDict) -> Callable:

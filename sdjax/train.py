@@ -1,14 +1,15 @@
 """`sdjax train` and `sdjax train-vae`: the loop around the step. Reads top to bottom:
-logging -> (VAE stage first, with model.vae_config) -> mesh -> models -> validate -> input pipeline -> compile
-step (from the state's shapes, before the state exists) -> state (resumed from the newest complete checkpoint,
-else created; DreamBooth with class images missing: state, class images, then input pipeline and compile) ->
-loop (checkpoints every train.checkpoint_every steps, at the end, and at the step boundary after SIGTERM / a
-preemption notice) -> speed report (WORKDIR/speed.json: measured step time beside the
-roofline of the compiled step on this device, as `sdjax plan` estimates it) -> (VAE stage: the latent scaling
-factor).
+logging -> the run's config (what sdjax fills in: sdjax/run_config.py; then the checks: sdjax/validation.py)
+-> (VAE stage first, with model.vae_config) -> models -> the training setup (mesh, optimizer, abstract state,
+jitted step: sdjax/training_setup.py) -> input pipeline -> compile step (from the state's shapes, before the
+state exists) -> state (resumed from the newest complete checkpoint, else created; DreamBooth with class images
+missing: state, class images, then input pipeline and compile) -> loop (checkpoints every
+train.checkpoint_every steps, at the end, and at the step boundary after SIGTERM / a preemption notice) ->
+speed report (WORKDIR/speed.json: measured step time beside the roofline of the compiled step on this device,
+sdjax/roofline.py) -> (VAE stage: the latent scaling factor).
 
-Both stages run this one loop; `train.stage` picks the stage's step, grids and evaluation (`STAGE_PARTS`).
-"""
+Both stages run this one loop; `train.stage` picks the stage's step, grids and evaluation
+(training_setup.STAGE_PARTS)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import functools
 import json
 import os
 import time
-from typing import Callable
+from collections.abc import Collection
 
 import jax
 import ml_collections
@@ -29,19 +30,18 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from sdjax import checkpoint as checkpoint_lib
-from sdjax import config as config_lib
 from sdjax import data as data_lib
-from sdjax import evaluation
-from sdjax import mesh as mesh_lib
 from sdjax import models as models_lib
-from sdjax import optim
-from sdjax import plan as plan_lib
+from sdjax import roofline
+from sdjax import run_config
 from sdjax import sample as sample_lib
 from sdjax import step as step_lib
+from sdjax import training_setup
 from sdjax import vae as vae_lib
+from sdjax import validation
 from sdjax.data import dreambooth as dreambooth_data
+from sdjax.images import save_png
 from sdjax.metrics import MetricsWriter
-from sdjax.models import noise as noise_lib
 from sdjax.preemption import StopRequest
 
 
@@ -76,24 +76,18 @@ def _libc():
     return ctypes.CDLL(libc_name) if libc_name else None
 
 
-def compile_step_ahead(train_step, state, local_batch: dict, batch_sharding, rng) -> tuple[float | None, float | None]:
-    """Compiles `train_step` for `state` (arrays, or ShapeDtypeStructs with shardings: then before the state
-    is allocated) and the shapes of one of this host's batches; the loop's first call runs this executable
-    (jit's cache) instead of compiling. A step that cannot compile (e.g. does not fit the devices) fails here,
-    before weights are loaded. Returns the compiled step's (FLOPs, bytes accessed) per device, or Nones."""
-    batch = global_batch({k: v for k, v in local_batch.items() if k != "skipped"}, batch_sharding)
-    lowered = train_step.lower(state, batch, rng)
-    compiled = lowered.compile()
+def compile_step_ahead(setup: training_setup.TrainingSetup, host_batch: dict, rng,
+                       state=None) -> tuple[float | None, float | None]:
+    """Compiles the step for `state` (default: the abstract one, before the state is allocated) and the shapes
+    of one of this host's batches; the loop's first call runs this executable instead of compiling. A step
+    that cannot compile (e.g. does not fit the devices) fails here, before weights are loaded. Returns the
+    compiled step's (FLOPs, bytes accessed) per device, or Nones."""
+    lowered, compiled = setup.compile(setup.global_batch(host_batch), rng, state)
     try:
-        return plan_lib.executable_cost(lowered, compiled, jax.devices())
+        return roofline.executable_cost(lowered, compiled, jax.devices())
     except Exception as e:  # noqa: BLE001 -- a report, never a reason to stop training
         logging.warning("no cost analysis of the train step (%s): the speed report has no FLOPs", e)
         return None, None
-
-
-def global_batch(local_batch: dict, sharding) -> dict:
-    """This host's numpy slice -> one global jax.Array per field, split over the data-parallel devices."""
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
 
 
 def total_over_processes(count: int) -> int:
@@ -109,21 +103,7 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
             f.write(config.to_json_best_effort(indent=2))
 
 
-@dataclasses.dataclass(frozen=True)
-class StageParts:
-    """What a stage brings to the loop: (models, config, tx, lr_schedule) -> train step; (models, config, mesh,
-    workdir) -> grid maker for train.sample_every; (models, config, mesh) -> evaluator for train.eval_every."""
-    make_train_step: Callable
-    make_grids: Callable
-    make_evaluator: Callable
-
-
 SPEED_FILE = "speed.json"
-
-STAGE_PARTS = {
-    "unet": StageParts(step_lib.make_train_step, sample_lib.TrainingSamples, evaluation.Evaluator),
-    "vae": StageParts(vae_lib.make_train_step, vae_lib.ReconstructionSamples, vae_lib.ReconstructionEvaluator),
-}
 
 
 def train_vae_stage(config: ml_collections.ConfigDict, workdir: str) -> TrainResult | None:
@@ -143,80 +123,78 @@ def train_vae_stage(config: ml_collections.ConfigDict, workdir: str) -> TrainRes
     return result
 
 
-def generate_class_images(models, config: ml_collections.ConfigDict, mesh, state: step_lib.TrainState) -> None:
+def generate_class_images(setup: training_setup.TrainingSetup, state: step_lib.TrainState) -> None:
     """DreamBooth prior preservation: the missing class images, sampled from the state's (base) weights."""
+    config, mesh = setup.config, setup.mesh
     missing = dreambooth_data.missing_class_images(config)
-    sampler = sample_lib.Sampler(models, config, mesh, config.sample.scheduler, config.sample.steps)
+    sampler = sample_lib.Sampler(setup.models, config, mesh, config.sample.scheduler, config.sample.steps)
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
     if jax.process_index() == 0:
         tqdm.write(f"Sampling {missing} class images of {config.dreambooth.class_prompt!r} into "
                    f"{config.dreambooth.class_data_dir}.")
     # Every process samples (the sampler is one program over all devices); the first one writes the files.
-    paths = dreambooth_data.generate_class_images(
+    paths = sample_lib.sample_class_images(
         sampler, step_lib.inference_params(state, use_ema=False), config, batch_size=8 * data_parallel,
         write=jax.process_index() == 0)
     multihost_utils.sync_global_devices("dreambooth class images")
     logging.info("wrote %d class images", len(paths))
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
+def train(config: ml_collections.ConfigDict, workdir: str, set_by_user: Collection[str] = ()) -> TrainResult:
+    """Trains `config` into `workdir` (resuming what is there). `set_by_user`: the config keys given on the
+    command line, which sdjax never fills in for the user (sdjax/run_config.py)."""
     # --- logging -------------------------------------------------------------------------------------
     os.makedirs(workdir, exist_ok=True)
     enable_compilation_cache(config.train.compilation_cache_dir)
     is_main = jax.process_index() == 0
 
-    # --- models and validation (before anything compiles) --------------------------------------------
-    noise_lib.resolve_noise_schedule(config)  # a pretrained folder's own noise schedule
-    config_lib.validate(config, jax.device_count(), jax.process_count())
+    # --- the run's config: what sdjax fills in, then the checks (before anything compiles) -------------
+    for notice in run_config.resolve(config, set_by_user):
+        logging.info("%s", notice)
+        if is_main:
+            tqdm.write(notice)
+    validation.validate(config, jax.device_count(), jax.process_count())
     vae_result = train_vae_stage(config, workdir)
     if vae_result and vae_result.interrupted:
         return vae_result  # the same command resumes the VAE stage, then runs this one
     if config.model.vae_from:
         vae_lib.use_trained_vae(config)  # model.vae <- its architecture and scaling factor (saved with this run)
-    stage = STAGE_PARTS[config.train.stage]
     models = models_lib.build_models(config)
-    config_lib.validate_against_models(config, models)
+    validation.validate_against_models(config, models)
     save_config(config, workdir)
 
-    # --- mesh -----------------------------------------------------------------------------------------
-    mesh = mesh_lib.make_mesh(config)
-    logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
-
-    # --- optimizer, and the update step compiled from the state's shapes before the state exists ------
-    lr_schedule = optim.make_lr_schedule(config)
-    tx = optim.make_optimizer(config)
-    base_rng = jax.random.key(config.train.seed)
-    init_rng, step_rng = jax.random.split(base_rng)
+    # --- mesh, optimizer, and the update step compiled from the state's shapes before the state exists --
+    setup = training_setup.build(config, models=models)
+    logging.info("mesh %s over %d devices (%d processes)", dict(setup.mesh.shape), setup.mesh.size,
+                 jax.process_count())
+    init_rng, step_rng = jax.random.split(jax.random.key(config.train.seed))
     checkpoints = checkpoint_lib.Checkpoints(checkpoint_lib.checkpoint_dir(config, workdir), config)
-    abstract_state = checkpoint_lib.abstract_train_state(models, config, tx, mesh)
-    shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
-    train_step = step_lib.jit_train_step(stage.make_train_step(models, config, tx, lr_schedule), shardings, mesh)
-    batch_sharding = mesh_lib.batch_sharding(mesh)
     # DreamBooth samples missing class images from the base model: then the input pipeline waits for the state.
     class_images_missing = dreambooth_data.missing_class_images(config)
-    resume_step = checkpoints.check_newest(abstract_state)  # a checkpoint that does not fit fails here
+    resume_step = checkpoints.check_newest(setup.abstract_state)  # a checkpoint that does not fit fails here
     if not class_images_missing:
         dataset = data_lib.make_train_dataset(config, models.tokenizer, jax.process_index(), jax.process_count())
-        step_cost = compile_step_ahead(train_step, abstract_state, dataset[resume_step], batch_sharding, step_rng)
+        step_cost = compile_step_ahead(setup, dataset[resume_step], step_rng)
 
     # --- sharded state: resumed from the newest complete checkpoint, else created -------------------
-    restored = checkpoints.restore_latest(lambda: abstract_state)
+    restored = checkpoints.restore_latest(lambda: setup.abstract_state)
     if restored:
         state, step_rng = restored.state, restored.rng
         if is_main:
             tqdm.write(f"Resuming from the checkpoint at step {restored.step} in {checkpoints.directory}.")
     else:
-        state, _ = step_lib.create_train_state(models, config, tx, mesh, init_rng)
+        state = setup.create_state(init_rng)
         if config.model.vae_from:
             state = vae_lib.with_trained_vae(state, models, config)
     release_freed_host_memory()
     if class_images_missing:
-        generate_class_images(models, config, mesh, state)
+        generate_class_images(setup, state)
         dataset = data_lib.make_train_dataset(config, models.tokenizer, jax.process_index(), jax.process_count())
-        step_cost = compile_step_ahead(train_step, state, dataset[int(state.step)], batch_sharding, step_rng)
+        step_cost = compile_step_ahead(setup, dataset[int(state.step)], step_rng, state)
         release_freed_host_memory()
 
     # --- in-training grids (samples, or VAE reconstructions) and evaluation (compiled at first use) ----
+    stage, mesh, train_step = setup.stage, setup.mesh, setup.train_step
     samples = stage.make_grids(models, config, mesh, workdir) if config.train.sample_every else None
     evaluator = stage.make_evaluator(models, config, mesh) if config.train.eval_every else None
 
@@ -237,10 +215,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     stop = StopRequest(enabled=jax.process_count() == 1).install()  # multi-process: JAX's preemption sync point
     try:
         for step in range(start_step + 1, total + 1):
-            local_batch = next(batches)
-            skipped += int(local_batch.pop("skipped").sum())
-            batch = global_batch(local_batch, batch_sharding)
-            state, metrics = train_step(state, batch, step_rng)
+            host_batch = next(batches)
+            skipped += int(host_batch["skipped"].sum())
+            state, metrics = train_step(state, setup.global_batch(host_batch), step_rng)
             window_steps += 1
             if window_start is None:  # the first step's dispatch and buffer allocation: time from its end
                 jax.block_until_ready(metrics)
@@ -267,7 +244,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
             if samples and (step % config.train.sample_every == 0 or step == total):
                 grid = samples(step_lib.inference_params(state))  # EMA weights when kept
                 if is_main:
-                    sample_lib.save_png(samples.path(step), grid)
+                    save_png(samples.path(step), grid)
                 writer.write_image(step, samples.tag, grid)
                 release_freed_host_memory()  # the first grid compiled the sampler
                 window_start, window_steps = time.perf_counter(), 0  # images/s counts training only
@@ -285,12 +262,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
                                    "the same command resumes from it.")
                 break
         if trained_steps:
-            speed = plan_lib.measured_against_roofline(trained_s / trained_steps, *step_cost, jax.devices()[0])
+            speed = roofline.measured_against_roofline(trained_s / trained_steps, *step_cost, jax.devices()[0])
             last_metrics = {**last_metrics, **speed}
             if is_main:
                 with open(os.path.join(workdir, SPEED_FILE), "w") as f:
                     json.dump({"step": int(state.step), **speed}, f)
-                progress.write(plan_lib.describe_speed(speed))
+                progress.write(roofline.describe_speed(speed))
     except KeyboardInterrupt:
         interrupted = True
         if is_main:

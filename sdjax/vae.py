@@ -34,19 +34,19 @@ import functools
 import json
 import os
 
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from sdjax import checkpoint as checkpoint_lib
+from sdjax import config as config_lib
 from sdjax import data as data_lib
 from sdjax import mesh as mesh_lib
 from sdjax import models as models_lib
 from sdjax import step as step_lib
-from sdjax import config as config_lib
 from sdjax.config import ConfigError
-from sdjax.data.records import CheckedSource
+from sdjax.images import image_grid, to_uint8
 from sdjax.models import discriminator as discriminator_lib
 
 SCALING_FILE = "vae_scaling_factor.json"
@@ -137,19 +137,6 @@ def reconstruct(models: models_lib.Models, params: dict, pixels: jax.Array) -> j
 # --- held-out images: grids and eval ----------------------------------------------------------------
 
 
-def unaugmented_batches(config: ml_collections.ConfigDict, tokenizer, split: str, per_host_batch: int):
-    """Host batches of `split` ("train" or "eval") in order, without augmentation or caption dropout."""
-    records = CheckedSource(data_lib.make_source(config, split), (config.data.resolution,) * 2,
-                            config.data.min_image_size)
-    preprocess = data_lib.make_preprocess(config, tokenizer, train=False)
-
-    def model_inputs(index: int, record: dict) -> dict:
-        inputs = preprocess(record, np.random.default_rng(index))
-        return {"pixel_values": inputs["pixel_values"]}
-
-    return grain.MapDataset.source(records).map_with_index(model_inputs).batch(per_host_batch, drop_remainder=True)
-
-
 def held_out_split(config: ml_collections.ConfigDict) -> str:
     return "eval" if data_lib.has_eval_split(config) else "train"
 
@@ -162,7 +149,7 @@ class ReconstructionSamples:
 
     def __init__(self, models: models_lib.Models, config: ml_collections.ConfigDict, mesh, workdir: str):
         count = config.vae_train.grid_images
-        batches = unaugmented_batches(config, models.tokenizer, held_out_split(config), count)
+        batches = data_lib.unaugmented_batches(config, models.tokenizer, held_out_split(config), count)
         if len(batches) == 0:
             raise data_lib.DataError(f"{data_lib.source_name(config)} has fewer than vae_train.grid_images={count} "
                                      "examples for the reconstruction grid")
@@ -171,7 +158,6 @@ class ReconstructionSamples:
         self._reconstruct = jax.jit(functools.partial(reconstruct, models), out_shardings=mesh_lib.replicated(mesh))
 
     def __call__(self, params: dict) -> np.ndarray:
-        from sdjax.sample import image_grid, to_uint8
         reconstructions = self._reconstruct(params, self.pixels)
         images = np.concatenate([np.asarray(to_uint8(jnp.asarray(self.pixels))),
                                  np.asarray(to_uint8(reconstructions))])
@@ -192,10 +178,9 @@ class ReconstructionEvaluator:
 
     def __init__(self, models: models_lib.Models, config: ml_collections.ConfigDict, mesh):
         global_batch = config.train.batch_size
-        self.process_count, self.process_index = jax.process_count(), jax.process_index()
-        self.host_batches = unaugmented_batches(config, models.tokenizer, "eval", global_batch // self.process_count)
-        self.num_batches = len(self.host_batches) // self.process_count
-        if self.num_batches == 0:
+        self.host_batches = data_lib.unaugmented_batches(config, models.tokenizer, "eval",
+                                                         global_batch // jax.process_count())
+        if len(self.host_batches) < jax.process_count():
             raise data_lib.DataError(f"the eval split of {data_lib.source_name(config)} has fewer examples than "
                                      f"one global batch (train.batch_size={global_batch})")
         self.batch_sharding = mesh_lib.batch_sharding(mesh)
@@ -203,11 +188,8 @@ class ReconstructionEvaluator:
                                out_shardings=mesh_lib.replicated(mesh))
 
     def __call__(self, params: dict) -> dict[str, float]:
-        errors = []
-        for index in range(self.num_batches):
-            host_batch = self.host_batches[index * self.process_count + self.process_index]
-            pixels = jax.make_array_from_process_local_data(self.batch_sharding, host_batch["pixel_values"])
-            errors.append(self._errors(params, pixels))
+        errors = [self._errors(params, batch["pixel_values"])
+                  for batch in mesh_lib.global_batches(self.host_batches, self.batch_sharding)]
         errors = jax.device_get(errors)
         return {k: float(np.mean([e[k] for e in errors])) for k in errors[0]}  # equal batch sizes
 
@@ -234,20 +216,16 @@ def compute_scaling_factor(models: models_lib.Models, config: ml_collections.Con
     """{scaling_factor: 1 / std, latent_mean, latent_std, examples} of sampled latents (unscaled) of the first
     `vae_train.scaling_examples` training images (rounded up to whole global batches), without augmentation."""
     global_batch = config.train.batch_size
-    process_count, process_index = jax.process_count(), jax.process_index()
-    host_batches = unaugmented_batches(config, models.tokenizer, "train", global_batch // process_count)
-    num_batches = min(-(-config.vae_train.scaling_examples // global_batch), len(host_batches) // process_count)
+    host_batches = data_lib.unaugmented_batches(config, models.tokenizer, "train", global_batch // jax.process_count())
+    num_batches = min(-(-config.vae_train.scaling_examples // global_batch), len(host_batches) // jax.process_count())
     if num_batches == 0:
         raise data_lib.DataError(f"{data_lib.source_name(config)} has fewer examples than one global batch "
                                  f"(train.batch_size={global_batch}) for the scaling factor")
-    batch_sharding = mesh_lib.batch_sharding(mesh)
     sums_fn = jax.jit(functools.partial(latent_moments_sums, models), out_shardings=mesh_lib.replicated(mesh))
     base = jax.random.key(SCALING_SEED)
-    sums = []
-    for index in range(num_batches):
-        host_batch = host_batches[index * process_count + process_index]
-        pixels = jax.make_array_from_process_local_data(batch_sharding, host_batch["pixel_values"])
-        sums.append(sums_fn(params, pixels, jax.random.fold_in(base, index)))
+    batches = mesh_lib.global_batches(host_batches[:num_batches * jax.process_count()], mesh_lib.batch_sharding(mesh))
+    sums = [sums_fn(params, batch["pixel_values"], jax.random.fold_in(base, index))
+            for index, batch in enumerate(batches)]
     total, total_sq, count = np.sum(np.asarray(jax.device_get(sums), np.float64), axis=0)
     mean = total / count
     std = float(np.sqrt(max(total_sq / count - mean * mean, 0.0)))
@@ -272,24 +250,12 @@ def is_finished(workdir: str) -> bool:
 # --- the UNet stage's VAE ---------------------------------------------------------------------------
 
 
-def find_config_file(path: str) -> str:
-    """`model.vae_config` as given, or else relative to the sdjax checkout (`configs/demo_vae.py` works from
-    any directory when sdjax is installed editable)."""
-    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for candidate in (path, os.path.join(checkout, path)):
-        if os.path.isfile(candidate):
-            return candidate
-    raise ConfigError("model.vae_config", path, "expected a config file (e.g. configs/demo_vae.py)")
-
-
 def vae_stage_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The VAE stage's config for a UNet run with `model.vae_config`: that file's, on the UNet run's data
     (`config.data`, so `--config.data.path=DIR` points both stages at DIR)."""
-    vae_config = config_lib.load_config_file(find_config_file(config.model.vae_config))
+    vae_config = config_lib.load_config_file(config_lib.find_config_file(config.model.vae_config))
     vae_config.train.stage = "vae"
     vae_config.data = ml_collections.ConfigDict(config.data.to_dict())
-    if vae_config.train.eval_every and not data_lib.has_eval_split(vae_config):
-        vae_config.train.eval_every = 0  # as the UNet stage: no held-out data, no evaluation
     return vae_config
 
 
@@ -337,7 +303,6 @@ def load_trained_vae_params(models: models_lib.Models, config: ml_collections.Co
     """float32 host params of the VAE at `model.vae_from` (the EMA weights of a run that kept them)."""
     path = config.model.vae_from
     if is_finished(path):
-        from sdjax import checkpoint as checkpoint_lib
         return checkpoint_lib.load_inference_checkpoint(path).params["vae"]
     return models_lib.load_vae_params_from_folder(models, config, _vae_folder(path))
 

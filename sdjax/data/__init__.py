@@ -12,22 +12,26 @@ A batch follows this path:
   here            shuffle (per epoch), repeat, batch, host slice; grain threads or worker processes
 `buckets.py` replaces the shuffle/batch for aspect-ratio bucketing, `latent_cache.py` the image records by
 cached VAE latents, `dreambooth.py` the whole source (instance and class images).
+
+This package reads: what writes data (the latent cache: sdjax/cache_latents.py; DreamBooth's class images:
+sdjax/train.py) lives above it, with the models.
 """
 
 from __future__ import annotations
 
 import grain
 import ml_collections
+import numpy as np
 from absl import flags
 
 from sdjax.data import buckets, dreambooth, latent_cache
 from sdjax.data.preprocess import caption_dropout, make_preprocess, random_flip, resize_and_crop, to_model_inputs
 from sdjax.data.records import CheckedSource, DataError, check_bad_fraction
-from sdjax.data.sources import SOURCES, has_eval_split, make_source, source_name
+from sdjax.data.sources import SOURCES, has_eval_split, held_out_key, make_source, resolved_source, source_name
 
-__all__ = ["SOURCES", "DataError", "caption_dropout", "check_bad_fraction", "has_eval_split", "iterate_from",
-           "make_preprocess", "make_source", "make_train_dataset", "random_flip", "resize_and_crop", "source_name",
-           "to_model_inputs"]
+__all__ = ["SOURCES", "DataError", "caption_dropout", "check_bad_fraction", "has_eval_split", "held_out_key",
+           "iterate_from", "make_preprocess", "make_source", "make_train_dataset", "random_flip", "resize_and_crop",
+           "resolved_source", "source_name", "to_model_inputs", "unaugmented_batches"]
 
 
 def make_records(config: ml_collections.ConfigDict, tokenizer):
@@ -72,3 +76,19 @@ def iterate_from(dataset: grain.MapDataset, start_step: int, num_threads: int, p
         batches = batches.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=num_workers, per_worker_buffer_size=max(1, prefetch // num_workers)))
     return iter(batches)
+
+
+def unaugmented_batches(config: ml_collections.ConfigDict, tokenizer, split: str,
+                        per_host_batch: int) -> grain.MapDataset:
+    """Batches of `split` ("train" or "eval") in order, without augmentation or caption dropout: the same
+    every time (held-out losses, reconstruction grids, the VAE's scaling factor). Not split between hosts:
+    `mesh.global_batches` gives each process its part of each global batch."""
+    records = CheckedSource(make_source(config, split), (config.data.resolution,) * 2, config.data.min_image_size)
+    preprocess = make_preprocess(config, tokenizer, train=False)
+
+    def model_inputs(index: int, record: dict) -> dict:
+        inputs = preprocess(record, np.random.default_rng(index))  # the rng only picks among several captions
+        inputs.pop("skipped", None)
+        return inputs
+
+    return grain.MapDataset.source(records).map_with_index(model_inputs).batch(per_host_batch, drop_remainder=True)

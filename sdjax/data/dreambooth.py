@@ -7,8 +7,8 @@ train_dreambooth layout): the step weights the second half's loss by `dreambooth
 batch `step` is still a pure function of (seed, step). Every host decodes the whole global batch and keeps
 its slice: DreamBooth batches are a handful of images, and the halves then stay where the step expects them.
 
-Class images come from the base model itself (`generate_class_images`, with the `sample.*` settings) when the
-class folder holds fewer than `dreambooth.num_class_images`, before training starts.
+Class images come from the base model itself (sdjax/sample.py `sample_class_images`, with the `sample.*`
+settings) when the class folder holds fewer than `dreambooth.num_class_images`, before training starts.
 """
 
 from __future__ import annotations
@@ -88,26 +88,3 @@ def missing_class_images(config: ml_collections.ConfigDict) -> int:
     if not (db.instance_data_dir and db.with_prior_preservation):
         return 0
     return max(db.num_class_images - len(image_files(db.class_data_dir)), 0)
-
-
-def generate_class_images(sampler, params: dict, config: ml_collections.ConfigDict, batch_size: int,
-                          write: bool = True) -> list[str]:
-    """Samples the missing class images with `sampler` (sdjax.sample.Sampler) from `params`, `batch_size` at
-    a time, into the class folder as class_NNNNN.png (when `write`); returns their paths. The images are
-    numbered on from those present and seeded by that number, so an interrupted generation goes on with new
-    images."""
-    from sdjax.sample import save_png
-
-    db, sample = config.dreambooth, config.sample
-    first = len(image_files(db.class_data_dir))
-    paths = []
-    for start in range(first, first + missing_class_images(config), batch_size):
-        count = min(batch_size, db.num_class_images - start)
-        images = sampler(params, [db.class_prompt] * count, sample.negative_prompt, seed=sample.seed + start,
-                         guidance=sample.guidance)
-        for offset, image in enumerate(images):
-            path = os.path.join(db.class_data_dir, f"class_{start + offset:05d}.png")
-            if write:
-                save_png(path, image)
-            paths.append(path)
-    return paths

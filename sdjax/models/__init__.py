@@ -25,7 +25,7 @@ silence_flax_deprecation_notices()  # before the imports: diffusers logs the not
 from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel, FlaxCLIPTextModelWithProjection  # noqa: E402
 
-from sdjax.models import attention as attention_lib, noise, pytorch_weights  # noqa: E402
+from sdjax.models import attention as attention_lib, pytorch_weights  # noqa: E402
 from sdjax.models import discriminator as discriminator_lib, lpips as lpips_lib  # noqa: E402
 from sdjax.models.tokenizer import TokenizerPair, builtin_tokenizer  # noqa: E402
 
