@@ -99,21 +99,14 @@ def step_rate(config) -> float:
     """Images/s of the compiled train step on this machine (random batches, after compilation)."""
     import jax
 
-    from sdjax import mesh as mesh_lib
-    from sdjax import models as models_lib
-    from sdjax import optim
-    from sdjax import step as step_lib
+    from sdjax import training_setup
 
-    models = models_lib.build_models(config)
-    mesh = mesh_lib.make_mesh(config)
-    tx = optim.make_optimizer(config)
-    state, shardings = step_lib.create_train_state(models, config, tx, mesh, jax.random.key(0))
-    step = step_lib.jit_train_step(step_lib.make_train_step(models, config, tx, optim.make_lr_schedule(config)),
-                                   shardings, mesh)
+    setup = training_setup.build(config)
+    state = setup.create_state(jax.random.key(0))
+    step = setup.train_step
     size, batch_size = config.data.resolution, config.train.batch_size
-    batch = jax.device_put({"pixel_values": np.zeros((batch_size, size, size, 3), np.float32),
-                            "input_ids": np.zeros((batch_size, config.data.max_length), np.int32)},
-                           mesh_lib.batch_sharding(mesh))
+    batch = setup.global_batch({"pixel_values": np.zeros((batch_size, size, size, 3), np.float32),
+                                "input_ids": np.zeros((batch_size, config.data.max_length), np.int32)})
     state, metrics = step(state, batch, jax.random.key(1))
     jax.block_until_ready(metrics)
     start, steps = time.perf_counter(), 3

@@ -55,15 +55,15 @@ def run_variant(variant: str, config_path: str, batch_size: int, repeats: int) -
     if family == "sdjax":
         import jax
 
-        from sdjax import plan as plan_lib
+        from sdjax import roofline
         run_step = step_runners.sdjax_runner(config, batch)
         result = step_runners.time_steps(run_step, repeats)
         stats = jax.devices()[0].memory_stats() or {}
         result["peak_gpu_mib"] = stats.get("peak_bytes_in_use", float("nan")) / 2**20
         result["device"] = jax.devices()[0].device_kind
         # The trainer's own speed report: the median step beside the compiled step's roofline on this device.
-        result.update(plan_lib.measured_against_roofline(result["median_step_s"], *run_step.step_cost,
-                                                          jax.devices()[0]))
+        result.update(roofline.measured_against_roofline(result["median_step_s"], *run_step.step_cost,
+                                                         jax.devices()[0]))
     else:
         import torch
         device = "cuda" if torch.cuda.is_available() else "cpu"

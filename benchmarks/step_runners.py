@@ -38,37 +38,28 @@ def time_steps(run_step, repeats: int) -> dict:
 
 
 def sdjax_runner(config, batch: dict):
-    """sdjax's own step, as `sdjax train` runs it: `make_train_step` jitted over the config's mesh, state
-    donated, compiled from the state's shapes before the state is created, the compiler's freed heap then
-    returned to the OS."""
+    """sdjax's own step, as `sdjax train` runs it: built by `training_setup.build` (the config's stage step
+    jitted over its mesh, state donated), compiled from the state's shapes before the state is created, the
+    compiler's freed heap then returned to the OS."""
     import jax
 
-    from sdjax import checkpoint as checkpoint_lib
-    from sdjax import mesh as mesh_lib
-    from sdjax import models as models_lib
-    from sdjax import optim
-    from sdjax import step as step_lib
     from sdjax import train as train_lib
+    from sdjax import training_setup
 
     train_lib.enable_compilation_cache(config.train.compilation_cache_dir)  # "" in a cold run
-    models = models_lib.build_models(config)
-    mesh = mesh_lib.make_mesh(config)
-    tx = optim.make_optimizer(config)
-    abstract_state = checkpoint_lib.abstract_train_state(models, config, tx, mesh)
-    step = step_lib.jit_train_step(step_lib.make_train_step(models, config, tx, optim.make_lr_schedule(config)),
-                                   jax.tree.map(lambda x: x.sharding, abstract_state), mesh)
-    batch_sharding = mesh_lib.batch_sharding(mesh)
+    setup = training_setup.build(config)
+    step = setup.train_step
     rng = jax.random.key(1)
     start = time.perf_counter()
-    step_cost = train_lib.compile_step_ahead(step, abstract_state, batch, batch_sharding, rng)
+    step_cost = train_lib.compile_step_ahead(setup, batch, rng)
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
-    state, _ = step_lib.create_train_state(models, config, tx, mesh, jax.random.key(0))
+    state = setup.create_state(jax.random.key(0))
     jax.block_until_ready(state)
     train_lib.release_freed_host_memory()
     print(f"sdjax: step compiled in {compile_s:.1f} s, state initialised in {time.perf_counter() - start:.1f} s",
           file=sys.stderr, flush=True)
-    batch = train_lib.global_batch(batch, batch_sharding)
+    batch = setup.global_batch(batch)
     box = {"state": state}
 
     def run_step():

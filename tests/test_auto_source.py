@@ -3,8 +3,7 @@
 import pytest
 
 from sdjax import data as data_lib
-from sdjax.config import validate
-from sdjax.data.sources import resolve_auto_source
+from sdjax import run_config
 
 
 @pytest.fixture
@@ -15,30 +14,28 @@ def auto_config(tiny_config):
 
 
 def test_no_path_is_the_demo(auto_config):
-    validate(auto_config, 8)
-    assert auto_config.data.source == "demo" and auto_config.train.eval_every == 2
+    assert data_lib.resolved_source(auto_config) == "demo"
 
 
-def test_image_folder_path_is_imagefolder_without_eval(auto_config, tmp_path):
+def test_image_folder_path_is_imagefolder(auto_config, tmp_path):
     from data_fixtures import write_imagefolder
     auto_config.data.path = write_imagefolder(tmp_path / "images", 8)
-    validate(auto_config, 8)
-    assert auto_config.data.source == "imagefolder"
-    assert auto_config.train.eval_every == 0  # no data.eval_path: eval turned off instead of failing
+    assert data_lib.resolved_source(auto_config) == "imagefolder"
+    assert auto_config.data.source == "auto"  # pure: the run writes the answer in once (run_config.resolve)
     assert len(data_lib.make_source(auto_config)) == 8
+    run_config.resolve(auto_config)
+    assert auto_config.data.source == "imagefolder"
 
 
 def test_shard_folder_and_pattern_are_webdataset(auto_config, tmp_path):
     from data_fixtures import write_shards
     shards = write_shards(tmp_path / "shards", 8, per_shard=4)
     for path in (str(tmp_path / "shards"), shards[0]):
-        config = auto_config.copy_and_resolve_references()
-        config.data.path = path
-        resolve_auto_source(config)
-        assert config.data.source == "webdataset"
+        auto_config.data.path = path
+        assert data_lib.resolved_source(auto_config) == "webdataset"
 
 
 def test_unrecognised_path_says_what_to_set(auto_config, tmp_path):
     auto_config.data.path = str(tmp_path / "missing")
     with pytest.raises(data_lib.DataError, match="data.source=tfds"):
-        resolve_auto_source(auto_config)
+        data_lib.resolved_source(auto_config)

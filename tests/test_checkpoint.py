@@ -18,11 +18,10 @@ from tiny import FAST_COMPILE_FLAGS
 from sdjax import checkpoint as checkpoint_lib
 from sdjax import config as config_lib
 from sdjax import data as data_lib
-from sdjax import mesh as mesh_lib
-from sdjax import models as models_lib
-from sdjax import optim
 from sdjax import step as step_lib
 from sdjax import train as train_lib
+from sdjax import training_setup
+from sdjax import validation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,7 +72,7 @@ def _train_recording_batches(config, workdir, events=None):
 
     def creating(*args, **kwargs):
         created = create_train_state(*args, **kwargs)
-        if not isinstance(created[0].step, jax.core.Tracer):  # not abstract_train_state's trace of it
+        if not isinstance(created[0].step, jax.core.Tracer):  # not step.abstract_train_state's trace of it
             events.append("state created")
         return created
 
@@ -110,9 +109,7 @@ def _copy_checkpoints(straight_run, dest, steps=(2, 4)):
 
 
 def _abstract_state(config):
-    models = models_lib.build_models(config)
-    return checkpoint_lib.abstract_train_state(models, config, optim.make_optimizer(config),
-                                               mesh_lib.make_mesh(config))
+    return training_setup.build(config).abstract_state
 
 
 def _assert_trees_equal(a, b):
@@ -274,7 +271,7 @@ def test_bad_checkpoint_settings_are_config_errors(tiny_config, key, value):
     tiny_config.train.checkpoint_every = 2
     tiny_config.train[key] = value
     with pytest.raises(config_lib.ConfigError, match=f"train.{key}"):
-        config_lib.validate(tiny_config, 8)
+        validation.validate(tiny_config, 8)
 
 
 def _sdjax_train(workdir, cache, steps):

@@ -6,7 +6,8 @@ from sdjax import cli
 from sdjax import models as models_lib
 from sdjax import step as step_lib
 from sdjax import train as train_lib
-from sdjax.config import ConfigError, validate, validate_against_models
+from sdjax.config import ConfigError
+from sdjax.validation import validate, validate_against_models
 
 
 def _validate(config, num_devices=8, process_count=1):

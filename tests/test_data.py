@@ -389,7 +389,8 @@ def test_bucketed_batches_are_one_shape_each_and_split_over_hosts(tmp_path, toke
     (dict(latent_cache="/cache"), "data.latent_cache", "model.pretrained"),
 ])
 def test_data_config_errors_name_the_key(data, key, expected):
-    from sdjax.config import ConfigError, validate
+    from sdjax.config import ConfigError
+    from sdjax.validation import validate
     from tiny import tiny_config
     config = tiny_config()
     config.data.update(data)

@@ -13,10 +13,7 @@ import pytest
 from data_fixtures import caption, write_imagefolder
 from sdjax import cli
 from sdjax import data as data_lib
-from sdjax import mesh as mesh_lib
-from sdjax import models as models_lib
-from sdjax import optim
-from sdjax import step as step_lib
+from sdjax import training_setup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_RECORDS = 16
@@ -83,22 +80,18 @@ def test_cache_written_for_another_resolution_is_refused(cached):
 @pytest.mark.slow  # compiles the tiny train step twice (images, latents): ~105 s on 2 shared cores
 def test_training_from_cache_gives_the_same_batch_and_loss(cached):
     config, from_cache, _, _ = cached
-    models = models_lib.build_models(config)
+    setup = training_setup.build(config)
+    models = setup.models
     image_batch = data_lib.make_train_dataset(config, models.tokenizer)[0]
     latent_batch = data_lib.make_train_dataset(from_cache, models.tokenizer)[0]
     assert "pixel_values" not in latent_batch
     np.testing.assert_array_equal(latent_batch["input_ids"], image_batch["input_ids"])  # same pick, same dropout
 
-    mesh = mesh_lib.make_mesh(config)
-    tx = optim.make_optimizer(config)
     losses = []
     for batch in (image_batch, latent_batch):
         # A fresh state each time (the step donates it); compiled as `sdjax train` compiles it, so the image
         # batch's program is shared with tests/test_data_train.py through the compilation cache.
-        state, shardings = step_lib.create_train_state(models, config, tx, mesh, jax.random.key(0))
-        step = step_lib.jit_train_step(step_lib.make_train_step(models, config, tx, optim.make_lr_schedule(config)),
-                                       shardings, mesh)
-        batch = jax.device_put({k: v for k, v in batch.items() if k != "skipped"}, mesh_lib.batch_sharding(mesh))
-        losses.append(float(step(state, batch, jax.random.key(3))[1]["loss"]))
+        state = setup.create_state(jax.random.key(0))
+        losses.append(float(setup.train_step(state, setup.global_batch(batch), jax.random.key(3))[1]["loss"]))
     # The VAE encoder ran in another compiled program: float32 rounding differs, nothing else.
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)

@@ -1,6 +1,7 @@
 """`sdjax train` on a user's image folder or webdataset shards, pointed to on the command line: it trains,
 and the bad records it met show in metrics.jsonl; a source that is all bad stops it with a message."""
 
+import json
 import os
 
 import numpy as np
@@ -11,12 +12,13 @@ from sdjax import cli
 from sdjax.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The tiny test model (tests/tiny.py) on the demo config: the step compiles once for both tests. No eval (the
-# demo's held-out split does not exist for these sources) and no sample grids: not what these tests check.
+# The tiny test model (tests/tiny.py) on the demo config: the step compiles once for all tests. Neither
+# train.eval_every (these sources have no held-out data: the run turns it off) nor optimizer.warmup_steps (the
+# demo's 100 is shortened to the 4 steps) needs an override; no sample grids, and no VAE stage (800 steps).
 TINY = ["--config.train.steps=4", "--config.train.batch_size=8", "--config.data.resolution=16",
         "--config.train.precision=fp32", "--config.train.compilation_cache_dir=", "--config.train.log_every=1",
-        "--config.optimizer.warmup_steps=2", "--config.mesh.fsdp_min_size=256", "--config.data.num_threads=1",
-        "--config.train.eval_every=0", "--config.train.sample_every=0", "--config.model.vae_config="]
+        "--config.mesh.fsdp_min_size=256", "--config.data.num_threads=1", "--config.train.sample_every=0",
+        "--config.model.vae_config="]
 
 
 def _train(workdir, *overrides):
@@ -41,6 +43,25 @@ def test_train_on_webdataset_shards(tmp_path):
                   f"--config.data.index_cache_dir={tmp_path / 'index'}") == 0
     metrics = read_metrics(tmp_path / "run")
     assert len(metrics) == 4 and metrics[-1]["skipped"] == 0
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["source-named", "path-alone"])
+def test_own_images_train_the_same_whether_the_source_is_named_or_auto(tmp_path, capsys, named):
+    """The README's own-data commands on the demo config: `data.source=imagefolder` or `data.path` alone, both
+    train, with evaluation off and the warmup fitted to the run, each said in one line and kept in config.json
+    (before, naming the source stopped the run: "data.source='imagefolder' has no held-out data")."""
+    folder = write_imagefolder(tmp_path / "pets", 8)
+    source = ["--config.data.source=imagefolder"] if named else []
+    assert _train(tmp_path / "run", *source, f"--config.data.path={folder}") == 0
+    out = capsys.readouterr().out
+    assert "has no held-out data: in-training evaluation is off (train.eval_every=1000 -> 0)" in out
+    assert "optimizer.warmup_steps=100 is longer than the run (train.steps=4): shortened to 4" in out
+    assert ("data.source='auto': data.path=" in out) == (not named)
+    with open(tmp_path / "run" / "config.json") as f:
+        saved = json.load(f)
+    assert saved["data"]["source"] == "imagefolder" and saved["train"]["eval_every"] == 0
+    assert saved["optimizer"]["warmup_steps"] == 4
+    assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2, 3, 4]
 
 
 def test_train_on_all_bad_source_exits_naming_it(tmp_path):

@@ -11,7 +11,9 @@ from PIL import Image
 from sdjax import config as config_lib
 from sdjax import data as data_lib
 from sdjax import models as models_lib
+from sdjax import sample as sample_lib
 from sdjax import step as step_lib
+from sdjax import validation
 from sdjax.data import dreambooth
 
 INSTANCE_COLOR, CLASS_COLOR = (255, 0, 0), (0, 0, 255)
@@ -34,7 +36,7 @@ def dreambooth_config(tiny_config, tmp_path):
         num_class_images=5, prior_loss_weight=PRIOR_LOSS_WEIGHT)
     tiny_config.data.caption_dropout = 0.0
     tiny_config.train.eval_every = 0
-    config_lib.validate(tiny_config, jax.device_count())
+    validation.validate(tiny_config, jax.device_count())
     return tiny_config
 
 
@@ -75,7 +77,7 @@ def test_missing_class_images_are_sampled_up_to_num_class_images(dreambooth_conf
         calls.append((list(prompts), seed))
         return np.full((len(prompts), 16, 16, 3), 128, np.uint8)
 
-    paths = dreambooth.generate_class_images(sampler, {}, config, batch_size=4)
+    paths = sample_lib.sample_class_images(sampler, {}, config, batch_size=4)
     assert [os.path.basename(p) for p in paths] == [f"class_{i:05d}.png" for i in range(5, 12)]
     assert [len(prompts) for prompts, _ in calls] == [4, 3] and calls[0][0][0] == "a photo of dog"
     assert calls[0][1] != calls[1][1]  # new seeds for each batch
@@ -86,19 +88,19 @@ def test_missing_class_images_are_sampled_up_to_num_class_images(dreambooth_conf
 def test_dreambooth_settings_are_checked(dreambooth_config):
     dreambooth_config.dreambooth.class_prompt = ""
     with pytest.raises(config_lib.ConfigError, match="dreambooth.class_prompt"):
-        config_lib.validate(dreambooth_config, jax.device_count())
+        validation.validate(dreambooth_config, jax.device_count())
     dreambooth_config.dreambooth.class_prompt = "a photo of dog"
     dreambooth_config.train.batch_size = 8
     dreambooth_config.train.grad_accum = 8  # micro-batches of 1 cannot each hold both halves
     with pytest.raises(config_lib.ConfigError, match="train.batch_size"):
-        config_lib.validate(dreambooth_config, num_devices=1)
+        validation.validate(dreambooth_config, num_devices=1)
 
 
 def test_dreambooth_config_needs_the_instance_folder_then_validates(dreambooth_config):
     from tiny import load_config_file
     config = load_config_file("dreambooth")
     with pytest.raises(config_lib.ConfigError, match="dreambooth.instance_data_dir"):
-        config_lib.validate(config, 8)
+        validation.validate(config, 8)
     config.dreambooth.instance_data_dir = dreambooth_config.dreambooth.instance_data_dir
     config.dreambooth.class_data_dir = dreambooth_config.dreambooth.class_data_dir
-    config_lib.validate(config, 8)
+    validation.validate(config, 8)

@@ -8,10 +8,10 @@ import pytest
 from sdjax import checkpoint as checkpoint_lib
 from sdjax import data as data_lib
 from sdjax import ema as ema_lib
-from sdjax import mesh as mesh_lib
 from sdjax import models as models_lib
 from sdjax import optim
 from sdjax import step as step_lib
+from sdjax import training_setup
 
 MAX_DECAY = 0.99
 
@@ -48,32 +48,28 @@ def test_no_ema_params_when_ema_decay_is_zero(tiny_config):
 
 @pytest.fixture(scope="module")
 def ema_run(tmp_path_factory):
-    """One train step with EMA on a data x fsdp = 4 x 2 mesh: (config, models, tx, mesh, state before, after)."""
+    """One train step with EMA on a data x fsdp = 4 x 2 mesh: (setup, state before, after)."""
     from tiny import tiny_config
     config = tiny_config()
     config.train.ema_decay = MAX_DECAY
     config.optimizer.warmup_steps = 0  # so that step 0 already moves the params
     config.mesh.data, config.mesh.fsdp = 4, 2
-    models = models_lib.build_models(config)
-    mesh = mesh_lib.make_mesh(config)
-    tx = optim.make_optimizer(config)
-    state, shardings = step_lib.create_train_state(models, config, tx, mesh, jax.random.key(0))
+    setup = training_setup.build(config)
+    state = setup.create_state(jax.random.key(0))
     before = jax.device_get((state.params, state.ema_params))
-    step = step_lib.jit_train_step(
-        step_lib.make_train_step(models, config, tx, optim.make_lr_schedule(config)), shardings, mesh)
-    batch = jax.device_put(data_lib.make_train_dataset(config, models.tokenizer)[0], mesh_lib.batch_sharding(mesh))
-    state, _ = step(state, batch, jax.random.key(1))
-    return config, models, tx, mesh, before, state
+    batch = setup.global_batch(data_lib.make_train_dataset(config, setup.models.tokenizer)[0])
+    state, _ = setup.train_step(state, batch, jax.random.key(1))
+    return setup, before, state
 
 
 def test_ema_starts_as_a_copy_of_the_params(ema_run):
-    _, _, _, _, (params, ema_params), _ = ema_run
+    _, (params, ema_params), _ = ema_run
     jax.tree.map(np.testing.assert_array_equal, ema_params, params)
 
 
 def test_train_step_updates_ema_with_the_step_0_decay(ema_run):
     """After step 0 (decay 0.1): ema = 0.1 * params_before + 0.9 * params_after."""
-    _, _, _, _, (params_before, _), state = ema_run
+    _, (params_before, _), state = ema_run
     expected = jax.tree.map(lambda a, b: 0.1 * a + 0.9 * b, params_before, jax.device_get(state.params))
     jax.tree.map(lambda e, x: np.testing.assert_allclose(e, x, rtol=1e-5, atol=1e-6), jax.device_get(state.ema_params),
                  expected)
@@ -91,14 +87,15 @@ def test_ema_is_sharded_like_the_params(ema_run):
 
 
 def test_ema_survives_a_checkpoint_round_trip(ema_run, tmp_path):
-    config, models, tx, mesh, _, state = ema_run
+    setup, _, state = ema_run
+    config = setup.config
     workdir = str(tmp_path)
     checkpoints = checkpoint_lib.Checkpoints(checkpoint_lib.checkpoint_dir(config, workdir), config)
     checkpoints.save(1, state, jax.random.key(1))
     checkpoints.close()
 
     restored = checkpoint_lib.Checkpoints(checkpoint_lib.checkpoint_dir(config, workdir), config).restore_latest(
-        lambda: checkpoint_lib.abstract_train_state(models, config, tx, mesh))
+        lambda: setup.abstract_state)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.state.ema_params),
                  jax.device_get(state.ema_params))
     assert [leaf.sharding for leaf in jax.tree.leaves(restored.state.ema_params)] == \

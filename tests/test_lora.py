@@ -14,10 +14,11 @@ from sdjax import cli
 from sdjax import config as config_lib
 from sdjax import data as data_lib
 from sdjax import lora as lora_lib
-from sdjax import mesh as mesh_lib
 from sdjax import models as models_lib
 from sdjax import optim
 from sdjax import step as step_lib
+from sdjax import training_setup
+from sdjax import validation
 from sdjax.models import pytorch_export
 
 RANK, ALPHA = 4, 8.0  # alpha != rank, so a wrong scale (diffusers assumes alpha = rank) would show
@@ -63,17 +64,13 @@ def test_rank_r_adds_exactly_r_times_in_plus_out_per_adapted_kernel_and_only_the
 def trained():
     """The tiny models with LoRA, after two train steps: (config, models, state before, state after)."""
     config = lora_config()
-    models = models_lib.build_models(config)
-    mesh = mesh_lib.make_mesh(config)
-    tx = optim.make_optimizer(config)
-    state, shardings = step_lib.create_train_state(models, config, tx, mesh, jax.random.key(0))
+    setup = training_setup.build(config)
+    state = setup.create_state(jax.random.key(0))
     before = jax.device_get(state)
-    train_step = step_lib.jit_train_step(
-        step_lib.make_train_step(models, config, tx, optim.make_lr_schedule(config)), shardings, mesh)
-    dataset = data_lib.make_train_dataset(config, models.tokenizer)
+    dataset = data_lib.make_train_dataset(config, setup.models.tokenizer)
     for i in range(2):
-        state, _ = train_step(state, jax.device_put(dataset[i], mesh_lib.batch_sharding(mesh)), jax.random.key(1))
-    return config, models, before, jax.device_get(state)
+        state, _ = setup.train_step(state, setup.global_batch(dataset[i]), jax.random.key(1))
+    return config, setup.models, before, jax.device_get(state)
 
 
 def _unet_inputs(seed=0):
@@ -129,7 +126,7 @@ def test_bad_lora_settings_are_config_errors_naming_the_key(key, value, match):
     group, name = key.split(".")
     config[group][name] = value
     with pytest.raises(config_lib.ConfigError, match=match):
-        config_lib.validate(config, jax.device_count())
+        validation.validate(config, jax.device_count())
 
 
 # --- export -> PyTorch diffusers load_lora_weights -------------------------------------------------------
@@ -230,5 +227,5 @@ def test_lora_configs_validate(name, tmp_path):
     config = load_config_file(name)
     if name == "sd15_lora":
         config.data.path = str(tmp_path)  # an image folder (data.source auto -> imagefolder)
-    config_lib.validate(config, 8)
+    validation.validate(config, 8)
     assert lora_lib.enabled(config)

@@ -138,7 +138,8 @@ def test_sample_command_on_the_run_reproduces_its_last_grid(trained, tmp_path):
 
 
 def test_eval_every_needs_a_source_with_a_held_out_split(tiny_config):
-    from sdjax.config import ConfigError, validate
+    from sdjax.config import ConfigError
+    from sdjax.validation import validate
     tiny_config.train.eval_every = 10
     tiny_config.data.demo_num_eval_examples = 4  # fewer than one global batch of 8
     with pytest.raises(ConfigError, match="at least one global batch"):

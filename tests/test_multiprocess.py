@@ -18,10 +18,8 @@ import pytest
 
 from sdjax import checkpoint as checkpoint_lib
 from sdjax import distributed
-from sdjax import mesh as mesh_lib
-from sdjax import models as models_lib
-from sdjax import optim
 from sdjax import train as train_lib
+from sdjax import training_setup
 from sdjax.metrics import read_metrics
 from tiny import PARAMS_ATOL, comparable_config, load_config_file, tiny_config
 
@@ -89,11 +87,8 @@ def test_two_processes_train_like_one_and_share_a_checkpoint(tmp_path):
 
     # One shared checkpoint, restored by this one process onto its 8 devices. Params: tiny.PARAMS_ATOL (the
     # same float32 sums in another order, through 5 updates).
-    models = models_lib.build_models(config)
-    mesh = mesh_lib.make_mesh(config)
-    tx = optim.make_optimizer(config)
-    restored = checkpoint_lib.Checkpoints(multi_dir / "checkpoints", config).restore_latest(
-        lambda: checkpoint_lib.abstract_train_state(models, config, tx, mesh))
+    abstract_state = training_setup.build(config).abstract_state
+    restored = checkpoint_lib.Checkpoints(multi_dir / "checkpoints", config).restore_latest(lambda: abstract_state)
     assert restored is not None and restored.step == NUM_STEPS
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=PARAMS_ATOL),
                  restored.state.params, reference.state.params)

@@ -9,10 +9,8 @@ import pytest
 
 from sdjax import checkpoint as checkpoint_lib
 from sdjax import data as data_lib
-from sdjax import mesh as mesh_lib
-from sdjax import models as models_lib
 from sdjax import optim
-from sdjax import step as step_lib
+from sdjax import training_setup
 
 NUM_STEPS = 30  # with the learning rate below: test_step's overfitting run, so adamw's compile is shared
 
@@ -23,17 +21,12 @@ def test_optimizer_trains_and_checkpoint_restores_it(tiny_config, tmp_path, name
     tiny_config.optimizer.learning_rate = 2e-3
     tiny_config.optimizer.warmup_steps = 0
     tiny_config.train.steps = NUM_STEPS
-    models = models_lib.build_models(tiny_config)
-    mesh = mesh_lib.make_mesh(tiny_config)
-    tx = optim.make_optimizer(tiny_config)
-    state, shardings = step_lib.create_train_state(models, tiny_config, tx, mesh, jax.random.key(0))
-    step = step_lib.jit_train_step(
-        step_lib.make_train_step(models, tiny_config, tx, optim.make_lr_schedule(tiny_config)), shardings, mesh)
-    batch = jax.device_put(data_lib.make_train_dataset(tiny_config, models.tokenizer)[0],
-                           mesh_lib.batch_sharding(mesh))
+    setup = training_setup.build(tiny_config)
+    state = setup.create_state(jax.random.key(0))
+    batch = setup.global_batch(data_lib.make_train_dataset(tiny_config, setup.models.tokenizer)[0])
     losses = []
     for _ in range(NUM_STEPS):
-        state, metrics = step(state, batch, jax.random.key(1))
+        state, metrics = setup.train_step(state, batch, jax.random.key(1))
         losses.append(float(metrics["loss"]))
     first, last = np.mean(losses[:5]), np.mean(losses[-5:])
     assert last < 0.7 * first, f"{name}: loss did not go down: first 5 steps {first:.4f}, last 5 {last:.4f}"
@@ -42,7 +35,7 @@ def test_optimizer_trains_and_checkpoint_restores_it(tiny_config, tmp_path, name
     checkpoints.save(NUM_STEPS, state, jax.random.key(1))
     checkpoints.close()
     restored = checkpoint_lib.Checkpoints(tmp_path / "checkpoints", tiny_config).restore_latest(
-        lambda: checkpoint_lib.abstract_train_state(models, tiny_config, tx, mesh))
+        lambda: setup.abstract_state)
     assert restored is not None and restored.step == NUM_STEPS
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                  (restored.state.params, restored.state.opt_state), (state.params, state.opt_state))

@@ -12,6 +12,7 @@ import pytest
 from sdjax import cli
 from sdjax import models as models_lib
 from sdjax import plan as plan_lib
+from sdjax import roofline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -205,28 +206,28 @@ class _FakeDevice:
 
 
 def test_local_devices_are_recognised_by_kind_with_the_runtime_hbm_when_reported():
-    assert plan_lib.local_device_spec(_FakeDevice("TPU v5 lite")) == plan_lib.CHIPS["v5e"]
-    assert plan_lib.local_device_spec(_FakeDevice("TPU v4")) == plan_lib.CHIPS["v4"]
-    assert plan_lib.local_device_spec(_FakeDevice("TPU v5")) == plan_lib.CHIPS["v5p"]  # what libtpu calls a v5p
-    h100 = plan_lib.local_device_spec(_FakeDevice("NVIDIA H100 80GB HBM3", bytes_limit=79 * 2**30))
-    assert h100.peak_bf16_flops == plan_lib.CHIPS["h100"].peak_bf16_flops and h100.hbm_bytes == 79 * 2**30
-    assert plan_lib.local_device_spec(_FakeDevice("cpu")) is None
+    assert roofline.local_device_spec(_FakeDevice("TPU v5 lite")) == roofline.CHIPS["v5e"]
+    assert roofline.local_device_spec(_FakeDevice("TPU v4")) == roofline.CHIPS["v4"]
+    assert roofline.local_device_spec(_FakeDevice("TPU v5")) == roofline.CHIPS["v5p"]  # what libtpu calls a v5p
+    h100 = roofline.local_device_spec(_FakeDevice("NVIDIA H100 80GB HBM3", bytes_limit=79 * 2**30))
+    assert h100.peak_bf16_flops == roofline.CHIPS["h100"].peak_bf16_flops and h100.hbm_bytes == 79 * 2**30
+    assert roofline.local_device_spec(_FakeDevice("cpu")) is None
     with pytest.raises(ValueError, match="expected one of"):  # GPUs are local devices, not TPU topologies
         plan_lib.target_devices("h100:2x2")
 
 
 def test_measured_step_is_reported_against_the_roofline_of_the_device():
-    v5e = plan_lib.CHIPS["v5e"]
+    v5e = roofline.CHIPS["v5e"]
     flops, bytes_accessed = 1e13, 1e9  # compute-bound on a v5e: 1e13 / 197e12 = 0.0508 s
-    report = plan_lib.measured_against_roofline(0.1, flops, bytes_accessed, _FakeDevice("TPU v5 lite"))
+    report = roofline.measured_against_roofline(0.1, flops, bytes_accessed, _FakeDevice("TPU v5 lite"))
     assert report["roofline_step_s"] == pytest.approx(flops / v5e.peak_bf16_flops)
     assert report["roofline_fraction"] == pytest.approx(flops / v5e.peak_bf16_flops / 0.1)
     assert report["achieved_tflops_per_device"] == pytest.approx(100.0)
-    assert "51% of it" in plan_lib.describe_speed(report)
-    memory_bound = plan_lib.measured_against_roofline(0.1, 1e12, 1e11, _FakeDevice("TPU v5 lite"))
+    assert "51% of it" in roofline.describe_speed(report)
+    memory_bound = roofline.measured_against_roofline(0.1, 1e12, 1e11, _FakeDevice("TPU v5 lite"))
     assert memory_bound["roofline_step_s"] == pytest.approx(1e11 / v5e.hbm_bytes_per_s)
-    on_cpu = plan_lib.measured_against_roofline(0.1, flops, bytes_accessed, _FakeDevice("cpu"))
-    assert "roofline_fraction" not in on_cpu and "no roofline" in plan_lib.describe_speed(on_cpu)
+    on_cpu = roofline.measured_against_roofline(0.1, flops, bytes_accessed, _FakeDevice("cpu"))
+    assert "roofline_fraction" not in on_cpu and "no roofline" in roofline.describe_speed(on_cpu)
 
 
 class _FakeStage:
@@ -244,8 +245,8 @@ def test_gpu_step_flops_are_counted_in_the_program_as_written():
     # program is global: its FLOPs are split over the devices. Elsewhere the compiled analysis stands.
     lowered, compiled = _FakeStage(8e12, 9e11), _FakeStage(3e11, 1e11)
     gpus = [_FakeDevice("NVIDIA H200", platform="gpu")] * 4
-    assert plan_lib.executable_cost(lowered, compiled, gpus) == (2e12, 1e11)
-    assert plan_lib.executable_cost(lowered, compiled, [_FakeDevice("TPU v5 lite")] * 4) == (3e11, 1e11)
+    assert roofline.executable_cost(lowered, compiled, gpus) == (2e12, 1e11)
+    assert roofline.executable_cost(lowered, compiled, [_FakeDevice("TPU v5 lite")] * 4) == (3e11, 1e11)
     # Where the compiler counts everything (CPU here), the two analyses agree: the lowered count is the
     # step's arithmetic, not an estimate of another kind.
     def conv_and_dot(x, kernel, w):
@@ -254,7 +255,7 @@ def test_gpu_step_flops_are_counted_in_the_program_as_written():
 
     shapes = [jax.ShapeDtypeStruct(s, "float32") for s in ((8, 16, 16, 32), (3, 3, 32, 32), (8192, 64))]
     lowered = jax.jit(jax.grad(lambda *a: conv_and_dot(*a).sum(), argnums=(1, 2))).lower(*shapes)
-    on_cpu = plan_lib.executable_cost(lowered, lowered.compile(), jax.devices("cpu"))
-    as_written = plan_lib.executable_cost(lowered, _FakeStage(0.0, 1.0), [_FakeDevice("gpu", platform="gpu")])
+    on_cpu = roofline.executable_cost(lowered, lowered.compile(), jax.devices("cpu"))
+    as_written = roofline.executable_cost(lowered, _FakeStage(0.0, 1.0), [_FakeDevice("gpu", platform="gpu")])
     assert on_cpu[0] > 2 * 8 * 16 * 16 * 9 * 32 * 32  # at least the forward convolution's multiply-adds
     assert as_written[0] == pytest.approx(on_cpu[0], rel=0.1)

@@ -13,38 +13,35 @@ import optax
 import pytest
 
 from sdjax import data as data_lib
-from sdjax import mesh as mesh_lib
 from sdjax import models as models_lib
-from sdjax import optim
 from sdjax import step as step_lib
-from sdjax.config import ConfigError, validate
+from sdjax import training_setup
+from sdjax.config import ConfigError
 from sdjax.models import attention as attention_lib
 from sdjax.models import remat as remat_lib
+from sdjax.validation import validate
 
 
 @pytest.fixture(scope="module")
 def setup():
-    """Config (batch 16: 2 per device, room for 2 micro-batches), models, mesh, the initial state and a batch,
-    shared: each variant below compiles only its step."""
+    """The SGD training setup of a config with batch 16 (2 per device, room for 2 micro-batches), its initial
+    state and a batch, shared: each variant below builds on the same models and compiles only its step."""
     from tiny import tiny_config
     config = tiny_config()
     config.train.batch_size = 16
-    models = models_lib.build_models(config)
-    mesh = mesh_lib.make_mesh(config)
-    state, shardings = step_lib.create_train_state(models, config, optax.sgd(1.0), mesh, jax.random.key(0))
-    batch = jax.device_put(data_lib.make_train_dataset(config, models.tokenizer)[0], mesh_lib.batch_sharding(mesh))
-    return config, models, mesh, state, shardings, batch
+    base = training_setup.build(config, tx=optax.sgd(1.0))
+    state = base.create_state(jax.random.key(0))
+    batch = base.global_batch(data_lib.make_train_dataset(config, base.models.tokenizer)[0])
+    return base, state, batch
 
 
 def _one_step(setup, **train_overrides):
     """(loss, update) of one SGD step on the batch, with `train_overrides` applied to config.train."""
-    config, models, mesh, state, shardings, batch = setup
-    config = config.copy_and_resolve_references()
+    base, state, batch = setup
+    config = base.config.copy_and_resolve_references()
     config.train.update(train_overrides)
-    tx = optax.sgd(1.0)
-    step = step_lib.jit_train_step(
-        step_lib.make_train_step(models, config, tx, optim.make_lr_schedule(config)), shardings, mesh)
-    new_state, metrics = step(jax.tree.map(jnp.copy, state), batch, jax.random.key(1))  # the step donates it
+    variant = training_setup.build(config, models=base.models, tx=optax.sgd(1.0))
+    new_state, metrics = variant.train_step(jax.tree.map(jnp.copy, state), batch, jax.random.key(1))  # donated
     update = jax.tree.map(lambda new, old: np.asarray(new) - np.asarray(old), new_state.params, state.params)
     return float(metrics["loss"]), update
 

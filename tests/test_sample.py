@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from sdjax import cli
+from sdjax import images as images_lib
 from sdjax import mesh as mesh_lib
 from sdjax import models as models_lib
 from sdjax import sample as sample_lib
@@ -226,7 +227,7 @@ def test_every_scheduler_samples_end_to_end():
 
 def test_grid_puts_prompts_in_rows_and_seeds_in_columns():
     images = np.stack([np.full((2, 3, 3), i, np.uint8) for i in range(5)])
-    grid = sample_lib.image_grid(images, columns=2)
+    grid = images_lib.image_grid(images, columns=2)
     assert grid.shape == (3 * 2, 2 * 3, 3)
     assert grid[0, 3, 0] == 1 and grid[2, 0, 0] == 2 and grid[4, 3, 0] == 0  # row 1 col 0 = image 2; pad black
 
@@ -258,7 +259,8 @@ def test_sample_command_needs_exactly_one_source(capsys):
     ("sample.guidance", -1.0, "guidance scale >= 0"),
 ])
 def test_config_names_a_bad_sample_value(tiny_config, key, value, message):
-    from sdjax.config import ConfigError, validate
+    from sdjax.config import ConfigError
+    from sdjax.validation import validate
     group, name = key.split(".")
     tiny_config[group][name] = value
     with pytest.raises(ConfigError, match=message) as error:

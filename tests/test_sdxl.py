@@ -16,6 +16,7 @@ from sdjax import models as models_lib
 from sdjax import optim
 from sdjax import plan as plan_lib
 from sdjax import step as step_lib
+from sdjax import validation
 
 ATOL = 1e-3  # fp32 on CPU, outputs of order 1 (as tests/test_export.py)
 PROMPTS = ["a red circle on a blue background", ""]
@@ -154,16 +155,16 @@ def test_sdxl_config_mismatches_name_the_field(tmp_path):
     config = tiny_sdxl_config()
     config.model.unet.cross_attention_dim = 64
     with pytest.raises(config_lib.ConfigError, match=r"cross_attention_dim.*\(96: 64 \+ 32\)"):
-        config_lib.validate_against_models(config, models_lib.build_models(config))
+        validation.validate_against_models(config, models_lib.build_models(config))
     config = tiny_sdxl_config()
     config.model.unet.projection_class_embeddings_input_dim = 24
     with pytest.raises(config_lib.ConfigError, match=r"projection_class_embeddings_input_dim.*\(72\)"):
-        config_lib.validate_against_models(config, models_lib.build_models(config))
+        validation.validate_against_models(config, models_lib.build_models(config))
     config = tiny_config()  # an SDXL UNet without the second text encoder
     config.model.unet.update(addition_embed_type="text_time", addition_time_embed_dim=8,
                              projection_class_embeddings_input_dim=72)
     with pytest.raises(config_lib.ConfigError, match="model.unet.addition_embed_type.*second text encoder"):
-        config_lib.validate_against_models(config, models_lib.build_models(config))
+        validation.validate_against_models(config, models_lib.build_models(config))
 
 
 def test_flax_export_loads_in_the_flax_sdxl_pipeline_which_conditions_as_sdjax(tmp_path):

@@ -6,10 +6,7 @@ import numpy as np
 import pytest
 
 from sdjax import data as data_lib
-from sdjax import mesh as mesh_lib
-from sdjax import models as models_lib
-from sdjax import optim
-from sdjax import step as step_lib
+from sdjax import training_setup
 from tiny import PARAMS_ATOL, comparable_config, run_train_steps
 
 
@@ -39,24 +36,22 @@ def test_sharded_step_matches_single_device(single_device_run, tiny_config, data
 
 def test_bf16_keeps_fp32_params_and_computes_in_bf16(tiny_config):
     tiny_config.train.precision = "bf16"
-    models = models_lib.build_models(tiny_config)
+    setup = training_setup.build(tiny_config)
+    models = setup.models
     assert models.unet.dtype == jnp.bfloat16 and models.vae.dtype == jnp.bfloat16
-    mesh = mesh_lib.make_mesh(tiny_config)
-    tx = optim.make_optimizer(tiny_config)
-    state, _ = step_lib.create_train_state(models, tiny_config, tx, mesh, jax.random.key(0))
+    state = setup.create_state(jax.random.key(0))
     for leaf in jax.tree.leaves((state.params, state.frozen, state.opt_state)):
         if jnp.issubdtype(leaf.dtype, jnp.floating):
             assert leaf.dtype == jnp.float32
-    train_step = step_lib.make_train_step(models, tiny_config, tx, optim.make_lr_schedule(tiny_config))
-    batch = data_lib.make_train_dataset(tiny_config, models.tokenizer)[0]
-    jaxpr = jax.make_jaxpr(train_step)(state, batch, jax.random.key(1))
+    batch = setup.global_batch(data_lib.make_train_dataset(tiny_config, models.tokenizer)[0])
+    jaxpr = jax.make_jaxpr(setup.train_step)(state, batch, jax.random.key(1))
     conv_dtypes = {eqn.invars[0].aval.dtype for eqn in _all_eqns(jaxpr.jaxpr)
                    if eqn.primitive.name == "conv_general_dilated"}
     dot_dtypes = {eqn.invars[0].aval.dtype for eqn in _all_eqns(jaxpr.jaxpr)
                   if eqn.primitive.name == "dot_general"}
     assert conv_dtypes == {jnp.dtype(jnp.bfloat16)}
     assert jnp.dtype(jnp.bfloat16) in dot_dtypes
-    new_state, metrics = jax.jit(train_step)(state, batch, jax.random.key(1))
+    new_state, metrics = setup.train_step(state, batch, jax.random.key(1))
     assert metrics["loss"].dtype == jnp.float32
     for leaf in jax.tree.leaves(new_state.params):
         assert leaf.dtype == jnp.float32
@@ -73,17 +68,12 @@ def test_loss_decreases_when_overfitting_one_batch(tiny_config):
     tiny_config.optimizer.learning_rate = 2e-3
     tiny_config.optimizer.warmup_steps = 0
     tiny_config.train.steps = 30
-    models = models_lib.build_models(tiny_config)
-    mesh = mesh_lib.make_mesh(tiny_config)
-    tx = optim.make_optimizer(tiny_config)
-    state, shardings = step_lib.create_train_state(models, tiny_config, tx, mesh, jax.random.key(0))
-    step = step_lib.jit_train_step(
-        step_lib.make_train_step(models, tiny_config, tx, optim.make_lr_schedule(tiny_config)), shardings, mesh)
-    batch = jax.device_put(data_lib.make_train_dataset(tiny_config, models.tokenizer)[0],
-                           mesh_lib.batch_sharding(mesh))
+    setup = training_setup.build(tiny_config)
+    state = setup.create_state(jax.random.key(0))
+    batch = setup.global_batch(data_lib.make_train_dataset(tiny_config, setup.models.tokenizer)[0])
     losses = []
     for _ in range(30):
-        state, metrics = step(state, batch, jax.random.key(1))
+        state, metrics = setup.train_step(state, batch, jax.random.key(1))
         losses.append(float(metrics["loss"]))
     first, last = np.mean(losses[:5]), np.mean(losses[-5:])
     assert last < 0.6 * first, f"loss did not go down: first 5 steps {first:.4f}, last 5 {last:.4f}"

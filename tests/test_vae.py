@@ -17,9 +17,8 @@ from sdjax import data as data_lib
 from sdjax import demo_eval
 from sdjax import mesh as mesh_lib
 from sdjax import models as models_lib
-from sdjax import optim
-from sdjax import step as step_lib
 from sdjax import train as train_lib
+from sdjax import training_setup
 from sdjax import vae as vae_lib
 from sdjax.data import shapes
 
@@ -29,16 +28,6 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 def vae_config():
     from tiny import tiny_vae_config
     return tiny_vae_config()
-
-
-def _state_and_step(config):
-    models = models_lib.build_models(config)
-    mesh = mesh_lib.make_mesh(config)
-    tx = optim.make_optimizer(config)
-    state, shardings = step_lib.create_train_state(models, config, tx, mesh, jax.random.key(0))
-    step = step_lib.jit_train_step(vae_lib.make_train_step(models, config, tx, optim.make_lr_schedule(config)),
-                                   shardings, mesh)
-    return models, mesh, state, step
 
 
 # --- a short two-stage run --------------------------------------------------------------------------
@@ -154,20 +143,18 @@ def test_exported_vae_loads_in_pytorch_and_reconstructs_as_flax(two_stage_run, t
 
 def test_vae_state_holds_only_the_trainable_vae():
     config = vae_config()
-    models = models_lib.build_models(config)
-    tx = optim.make_optimizer(config)
-    state = checkpoint_lib.abstract_train_state(models, config, tx, mesh_lib.make_mesh(config))  # shapes only
+    state = training_setup.build(config).abstract_state  # shapes only
     assert set(state.params) == {"vae"} and state.frozen == {}
 
 
 def test_reconstruction_loss_goes_down_on_a_fixed_batch():
     config = vae_config()  # 30 steps at a constant learning rate: the step the two-stage run compiled
-    models, mesh, state, step = _state_and_step(config)
-    batch = jax.device_put(data_lib.make_train_dataset(config, models.tokenizer)[0], mesh_lib.batch_sharding(mesh))
-    batch.pop("skipped")
+    setup = training_setup.build(config)  # train.stage="vae": the VAE stage's step
+    state = setup.create_state(jax.random.key(0))
+    batch = setup.global_batch(data_lib.make_train_dataset(config, setup.models.tokenizer)[0])
     l1 = []
     for _ in range(config.train.steps):
-        state, metrics = step(state, batch, jax.random.key(1))
+        state, metrics = setup.train_step(state, batch, jax.random.key(1))
         l1.append(float(metrics["l1"]))
         assert float(metrics["loss"]) >= float(metrics["l1"])  # l1 + kl_weight * kl, kl >= 0
     first, last = np.mean(l1[:5]), np.mean(l1[-5:])

@@ -11,15 +11,14 @@ from safetensors.torch import save_file
 
 from sdjax import checkpoint as checkpoint_lib
 from sdjax import data as data_lib
-from sdjax import mesh as mesh_lib
 from sdjax import models as models_lib
-from sdjax import optim
-from sdjax import step as step_lib
 from sdjax import train as train_lib
+from sdjax import training_setup
 from sdjax import vae as vae_lib
-from sdjax.config import ConfigError, validate
+from sdjax.config import ConfigError
 from sdjax.models import lpips as lpips_lib
 from sdjax.models.discriminator import PatchDiscriminator
+from sdjax.validation import validate
 
 # VGG16's layer plan with narrow widths: the same code path as (64, 128, 256, 512, 512), fast on CPU.
 NARROW_WIDTHS = (8, 16, 16, 32, 32)
@@ -168,22 +167,17 @@ def test_vae_step_with_perceptual_and_gan_terms_trains_the_vae_and_its_discrimin
     path, _ = lpips_file
     config = gan_vae_config(path)
     validate(config, num_devices=8)
-    models = models_lib.build_models(config)
-    mesh = mesh_lib.make_mesh(config)
-    tx = optim.make_optimizer(config)
-    state, shardings = step_lib.create_train_state(models, config, tx, mesh, jax.random.key(0))
+    setup = training_setup.build(config)  # train.stage="vae": the VAE stage's step
+    state = setup.create_state(jax.random.key(0))
     assert set(state.params) == {"vae", "discriminator"} and set(state.frozen) == {"perceptual"}
     frozen_before = jax.device_get(state.frozen)
     expected = lpips_lib.load_params(str(path))  # the file's weights, not a random init
     jax.tree.map(np.testing.assert_array_equal, frozen_before["perceptual"], expected)
 
-    step = step_lib.jit_train_step(vae_lib.make_train_step(models, config, tx, optim.make_lr_schedule(config)),
-                                   shardings, mesh)
-    batch = jax.device_put(data_lib.make_train_dataset(config, models.tokenizer)[0], mesh_lib.batch_sharding(mesh))
-    batch.pop("skipped")
+    batch = setup.global_batch(data_lib.make_train_dataset(config, setup.models.tokenizer)[0])
     history = []
     for index in range(24):
-        state, metrics = step(state, batch, jax.random.key(1))
+        state, metrics = setup.train_step(state, batch, jax.random.key(1))
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         history.append(metrics)
         reconstruction_terms = (metrics["l1"] + config.vae_train.kl_weight * metrics["kl"]

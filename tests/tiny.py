@@ -6,7 +6,7 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # LLVM at -O0 for XLA:CPU (conftest.py sets it for the tests and the processes they start): the tests' tiny
 # steps spend far longer compiling than running. Measured on the 2-core VM, the whole suite: 1829-1884 s ->
-# 1039-1391 s (README, "Tests").
+# 1039-1391 s (docs/tests.md).
 FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
@@ -89,21 +89,14 @@ def run_train_steps(config, devices=None, num_steps: int = 2):
     import jax
 
     from sdjax import data as data_lib
-    from sdjax import mesh as mesh_lib
-    from sdjax import models as models_lib
-    from sdjax import optim
-    from sdjax import step as step_lib
+    from sdjax import training_setup
 
-    models = models_lib.build_models(config)
-    mesh = mesh_lib.make_mesh(config, devices)
-    tx = optim.make_optimizer(config)
-    state, shardings = step_lib.create_train_state(models, config, tx, mesh, jax.random.key(0))
-    step = step_lib.jit_train_step(
-        step_lib.make_train_step(models, config, tx, optim.make_lr_schedule(config)), shardings, mesh)
-    dataset = data_lib.make_train_dataset(config, models.tokenizer)
+    setup = training_setup.build(config, devices)
+    state = setup.create_state(jax.random.key(0))
+    dataset = data_lib.make_train_dataset(config, setup.models.tokenizer)
     losses = []
     for i in range(num_steps):
-        state, metrics = step(state, jax.device_put(dataset[i], mesh_lib.batch_sharding(mesh)), jax.random.key(1))
+        state, metrics = setup.train_step(state, setup.global_batch(dataset[i]), jax.random.key(1))
         losses.append((float(metrics["loss"]), float(metrics["grad_norm"])))
     return state, losses
 
