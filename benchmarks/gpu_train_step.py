@@ -77,21 +77,14 @@ def run_variant(variant: str, config_path: str, batch_size: int, repeats: int) -
 
 
 def table(results: dict, batch_size: int) -> str:
-    ok = {k: r for k, r in results.items() if "error" not in r}
-    reference = ok.get("torch-eager")
-    lines = ["| variant | img/s | median step ms (spread) | first step s | peak GPU MiB | img/s vs torch-eager "
-             "| TFLOP/s (% of roofline) |", "|---|---|---|---|---|---|---|"]
-    for variant, r in results.items():
-        if "error" in r:
-            lines.append(f"| {variant} | failed: {r['error'][:100]} | | | | | |")
-            continue
-        ratio = f"{reference['median_step_s'] / r['median_step_s']:.2f}x" if reference else "-"
-        achieved = (f"{r['achieved_tflops_per_device']:.3g}" if "achieved_tflops_per_device" in r else "-") + (
+    def achieved(r: dict) -> str:
+        return (f"{r['achieved_tflops_per_device']:.3g}" if "achieved_tflops_per_device" in r else "-") + (
             f" ({100 * r['roofline_fraction']:.0f}%)" if "roofline_fraction" in r else "")
-        lines.append(f"| {variant} | {batch_size / r['median_step_s']:.1f} | {r['median_step_s'] * 1e3:.0f} "
-                     f"({r['spread_s'] * 1e3:.0f}) | {r['first_step_s']:.1f} | {r['peak_gpu_mib']:.0f} | {ratio} "
-                     f"| {achieved} |")
-    return "\n".join(lines)
+
+    reference = results.get("torch-eager")
+    return step_runners.step_table(
+        results, batch_size, reference if reference and "error" not in reference else None, "torch-eager",
+        extra=(("peak GPU MiB", lambda r: f"{r['peak_gpu_mib']:.0f}"), ("TFLOP/s (% of roofline)", achieved)))
 
 
 def main() -> None:

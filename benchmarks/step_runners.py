@@ -201,3 +201,23 @@ def run_child(command: list[str], label: str, env: dict | None = None, timeout: 
             "error": " / ".join(proc.stderr.strip().splitlines()[-3:]) or "no output"}
     print(f"{label}: {result}", file=sys.stderr, flush=True)
     return result
+
+
+def step_table(results: dict, batch_size: int, reference: dict | None, reference_name: str,
+               extra: tuple = ()) -> str:
+    """The markdown table of step benchmark results, one row per variant (a failed one says why): img/s,
+    median step ms (spread), first step s, then `extra` columns as (header, result -> text), then img/s
+    against `reference`'s result (named `reference_name`)."""
+    headers = ["variant", "img/s", "median step ms (spread)", "first step s", *(h for h, _ in extra),
+               f"img/s vs {reference_name}"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for variant, r in results.items():
+        if "error" in r:
+            lines.append(f"| {variant} | failed: {r['error'][:100]} |" + " |" * (len(headers) - 2))
+            continue
+        ratio = f"{reference['median_step_s'] / r['median_step_s']:.2f}x" if reference else "-"
+        cells = [variant, f"{batch_size / r['median_step_s']:.1f}",
+                 f"{r['median_step_s'] * 1e3:.0f} ({r['spread_s'] * 1e3:.0f})", f"{r['first_step_s']:.1f}",
+                 *(cell(r) for _, cell in extra), ratio]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

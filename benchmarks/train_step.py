@@ -110,18 +110,10 @@ def table(results: dict, batch_size: int) -> str:
     sdjax = [r for variant, r in ok.items() if variant.startswith("sdjax") and variant not in ABLATIONS]
     sdjax = sdjax or list(ok.values())
     reference = min(sdjax, key=lambda r: r["median_step_s"]) if sdjax else None
-    lines = ["| variant | img/s | steps/s | median step ms (spread) | first step s | peak RSS MiB | "
-             "img/s vs fastest sdjax |", "|---|---|---|---|---|---|---|"]
-    for variant, r in results.items():
-        if "error" in r:
-            lines.append(f"| {variant} | failed: {r['error'][:80]} | | | | | |")
-            continue
-        img_s = batch_size / r["median_step_s"]
-        ratio = reference["median_step_s"] / r["median_step_s"]
-        lines.append(f"| {variant} | {img_s:.1f} | {1 / r['median_step_s']:.2f} | "
-                     f"{r['median_step_s'] * 1e3:.0f} ({r['spread_s'] * 1e3:.0f}) | {r['first_step_s']:.1f} | "
-                     f"{r['peak_rss_mib']:.0f} | {ratio:.2f}x |")
-    return "\n".join(lines)
+    return step_runners.step_table(
+        results, batch_size, reference, "fastest sdjax",
+        extra=(("steps/s", lambda r: f"{1 / r['median_step_s']:.2f}"),
+               ("peak RSS MiB", lambda r: f"{r['peak_rss_mib']:.0f}")))
 
 
 def main() -> None:
