@@ -1,8 +1,8 @@
 """LoRA on the tiny demo models: the whole LoRA path (train, sample, export, load in PyTorch) with no download.
 
-    python -m sdjax.cli train --config configs/demo_lora.py --workdir workdirs/demo_lora
-    python -m sdjax.cli sample --workdir workdirs/demo_lora --prompt "a red circle on a blue background"
-    python -m sdjax.cli export --workdir workdirs/demo_lora --out workdirs/demo_lora_export
+    sdjax train --config configs/demo_lora.py --workdir workdirs/demo_lora
+    sdjax sample --workdir workdirs/demo_lora --prompt "a red circle on a blue background"
+    sdjax export --workdir workdirs/demo_lora --out workdirs/demo_lora_export
 
 Only the rank-4 adapters on the UNet's attention projections (to_q, to_k, to_v, to_out.0) and the text
 encoder's (q/k/v/out_proj) are trained; the base weights are frozen and stored in bfloat16. The base is the

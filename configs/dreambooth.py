@@ -1,6 +1,6 @@
 """DreamBooth on Stable Diffusion 1.5: teach the model one subject from a few photos, with prior preservation.
 
-    python -m sdjax.cli train --config configs/dreambooth.py --workdir DIR \
+    sdjax train --config configs/dreambooth.py --workdir DIR \
         --config.model.pretrained=/path/to/sd15 \
         --config.dreambooth.instance_data_dir=/path/to/dog_photos \
         --config.dreambooth.instance_prompt="a photo of sks dog" \

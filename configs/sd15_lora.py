@@ -1,6 +1,6 @@
 """LoRA fine-tuning of Stable Diffusion 1.5 on your image folder (diffusers' train_text_to_image_lora recipe).
 
-    python -m sdjax.cli train --config configs/sd15_lora.py --workdir runs/lora \
+    sdjax train --config configs/sd15_lora.py --workdir runs/lora \
         --config.model.pretrained=/path/to/sd15 --config.data.path=/path/to/images
 
 Rank-4 adapters on the UNet's attention projections are the only trained params (797,184 of the UNet's
