@@ -14,7 +14,7 @@ A batch follows this path:
 cached VAE latents, `dreambooth.py` the whole source (instance and class images).
 
 This package reads: what writes data (the latent cache: sdjax/cache_latents.py; DreamBooth's class images:
-sdjax/train.py) lives above it, with the models.
+sdjax/sample.py) lives above it, with the models.
 """
 
 from __future__ import annotations
