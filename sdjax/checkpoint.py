@@ -18,6 +18,7 @@ import json
 import logging as std_logging
 from typing import Any, Callable
 
+import fsspec
 import jax
 import ml_collections
 import numpy as np
@@ -27,6 +28,11 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
 from sdjax import lora as lora_lib
+
+# gcsfs (etils.epath's and orbax's GCS client) caches directory listings for the life of the process and learns
+# of no write it did not make itself (tensorstore's array writes, other processes' shards, another run): a
+# cached listing would hide steps from resume and keep-N. Listings are a few requests per save: not cached.
+fsspec.config.conf.setdefault("gs", {})["use_listings_cache"] = False
 
 COMMIT_MARKER = "commit_success.txt"  # orbax writes it last, on every filesystem
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"  # a step directory orbax was still writing
@@ -50,6 +56,11 @@ class CheckpointMismatchError(ValueError):
 
 class NoCheckpointError(FileNotFoundError):
     """No complete checkpoint where one is needed."""
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written (storage gone, no permission, a bucket that does not exist): the run
+    stops at once; the newest complete checkpoint is kept, and the same command resumes from it."""
 
 
 @dataclasses.dataclass
@@ -158,24 +169,57 @@ def _restore_meta(manager: ocp.CheckpointManager, step: int) -> dict:
     return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
+def _check_writable(directory: epath.Path) -> None:
+    """Writes and deletes one small file in `directory` (created if missing), so that storage this process
+    cannot write to (a bucket that does not exist, no permission) stops the run before anything compiles,
+    not at its first save. Each process writes its own shards of every checkpoint: each one checks."""
+    probe = directory / f".sdjax-write-check-{jax.process_index()}"
+    try:
+        if str(directory).startswith("gs://"):
+            # gcsfs would create a missing bucket on mkdir: a typo in the name must fail, not make a bucket.
+            bucket = epath.Path("gs://" + str(directory)[len("gs://"):].split("/")[0])
+            if not bucket.exists():
+                raise FileNotFoundError(f"the bucket {bucket} does not exist (or this account cannot see it)")
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_text("sdjax checks that checkpoints can be written here\n")
+        probe.unlink()
+    except Exception as e:  # noqa: BLE001 -- OSError, gcsfs' HttpError, ...: all mean "cannot write here"
+        raise CheckpointSaveError(
+            f"Checkpoints cannot be written to {directory}: {_reason(e)}\nSet train.checkpoint_dir to storage "
+            "this machine can write (on a pod: a gs:// bucket every host can write), or fix its permissions."
+        ) from e
+
+
+def _reason(error: Exception) -> str:
+    return f"{type(error).__name__}: " + " ".join(str(error).split())[:600]
+
+
 class Checkpoints:
     """The checkpoints of one training run: restore the newest complete one, save (async), preemption."""
 
     def __init__(self, directory: epath.PathLike, config: ml_collections.ConfigDict):
         self.directory = epath.Path(directory)
         self._config = config
-        cut_off = sorted(p.name for p in self.directory.glob(f"*{_TMP_SUFFIX}*")) if self.directory.exists() else []
+        if not self.directory.is_absolute():
+            self.directory = self.directory.absolute()
+        _check_writable(self.directory)
+        # Saves cut off mid-write: a temporary directory (local disks), a step without its marker (GCS). Orbax
+        # deletes both silently when it opens the directory: say so, the run resumes from an older step.
+        cut_off = sorted(p.name for p in self.directory.iterdir()
+                         if _TMP_SUFFIX in p.name or (p.name.isdigit() and not (p / COMMIT_MARKER).exists())
+                         ) if self.directory.exists() else []  # on GCS a folder exists once an object is in it
         if cut_off:
-            logging.warning("Checkpoints %s in %s were cut off mid-write; orbax deletes them.", cut_off, self.directory)
+            logging.warning("Checkpoints %s in %s were cut off mid-write (never committed): deleting them; the run "
+                            "resumes from the newest complete checkpoint before them.", cut_off, self.directory)
         train = config.train
         self._manager = _open_manager(
             self.directory, _manager_options(train.keep_checkpoints, train.keep_checkpoint_every))
         self._complete_steps, incomplete = _split_by_commit(self._manager, self.directory)
-        for step in incomplete:
-            # Deleted, not kept: this run would write the same step again.
-            logging.warning("Checkpoint %s was cut off mid-write (no %s): deleting it; the run resumes from the "
-                            "newest complete checkpoint before it.", self.directory / str(step), COMMIT_MARKER)
-            self._manager.delete(step)
+        for step in incomplete:  # announced above; a local disk's orbax takes a step directory as committed
+            self._manager.delete(step)  # deleted, not kept: this run writes the same step again
+        # What a failed save reports: the step being written, and the newest one known to be complete.
+        self._writing: int | None = None
+        self._newest_complete: int | None = self._complete_steps[-1] if self._complete_steps else None
 
     def _metadata(self, step: int) -> tuple[dict, Any]:
         """(sdjax's metadata, the saved state's tree metadata) of checkpoint `step`; raises if unreadable."""
@@ -245,16 +289,42 @@ class Checkpoints:
             "process_count": jax.process_count(),
             "config": config_to_dict(self._config),
         }
-        self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        try:  # orbax first waits for the previous save, and raises its failure here
+            self._manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        except Exception as e:  # noqa: BLE001
+            raise self._save_failed(e, step if self._writing is None else self._writing) from e
+        if self._writing is not None:
+            self._newest_complete = self._writing  # orbax started this save: the previous one was committed
+        self._writing = step
+
+    def check_saves(self) -> None:
+        """Raises CheckpointSaveError if the background save has failed. Cheap (no I/O): the loop calls it
+        after every step, so that a failure stops the run when it happens; orbax alone reports it only at
+        the next save, `train.checkpoint_every` steps (maybe hours) of training later, which are then lost."""
+        try:
+            self._manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001
+            raise self._save_failed(e, self._writing) from e
+
+    def _save_failed(self, error: Exception, step: int | None) -> CheckpointSaveError:
+        kept = (f"The newest complete checkpoint, {self.directory / str(self._newest_complete)}, is kept: the "
+                "same command resumes from it" if self._newest_complete is not None else
+                "There is no complete checkpoint yet: the same command starts over")
+        return CheckpointSaveError(
+            f"Saving the checkpoint of step {step} to {self.directory / str(step)} failed: {_reason(error)}\n"
+            f"The run stops here. {kept} once {self.directory} can be written again.")
 
     def reached_preemption(self, step: int) -> bool:
         """True on every process at the same step once any was told it will be preempted (JAX's sync point)."""
         return self._manager.reached_preemption(step)
 
     def close(self) -> None:
-        """Waits for the last save to be committed."""
-        self._manager.close()
+        """Waits for the last save to be committed; CheckpointSaveError if it failed."""
+        try:
+            self._manager.close()
+        except Exception as e:  # noqa: BLE001
+            raise self._save_failed(e, self._writing) from e
 
 
 def _run_checkpoint_dir(workdir: str) -> epath.Path:

@@ -22,8 +22,8 @@ commands:
   train-vae
            train the VAE alone (then train with --config.model.vae_from=DIR): --config FILE --workdir DIR
   cache-latents
-           encode the dataset once with the VAE (then train with --config.data.latent_cache=DIR):
-           --config FILE --out DIR
+           encode the dataset once with the VAE (then train with --config.data.latent_cache=DIR), and with
+           --config.data.cache_text_states=True the text encoder(s) too: --config FILE --out DIR|gs://BUCKET/DIR
   plan     memory and speed of a config's train step on a TPU topology, compiled on this host:
            --config FILE --topology v5e:2x2 [--max-batch]
   sample   text -> images with classifier-free guidance, from a run or a local diffusers folder:
@@ -88,6 +88,7 @@ def _train(argv: list[str], stage: str | None = None) -> int:
     import jax
 
     from sdjax import train as train_lib
+    from sdjax.checkpoint import CheckpointSaveError
     from sdjax.config import ConfigError
     from sdjax.data import DataError
     from sdjax.run_config import command_line_keys
@@ -98,6 +99,12 @@ def _train(argv: list[str], stage: str | None = None) -> int:
         result = train_lib.train(fv.config, fv.workdir, command_line_keys(argv))
     except (ConfigError, DataError) as e:
         sys.exit(f"{argv[0]}: {e}")
+    except CheckpointSaveError as e:
+        print(f"{argv[0]}: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # Orbax leaves the threads of a failed save waiting for signals that never come, and Python would wait
+        # for them (5 minutes) before exiting: nothing is left to write, so the process ends now.
+        os._exit(1)
     if jax.process_index() == 0:
         print(train_lib.summarize(result))
     return 0
@@ -141,7 +148,8 @@ def _plan(argv: list[str]) -> int:
 def _cache_latents(argv: list[str]) -> int:
     fv = flags.FlagValues()
     _define_config_flag(fv, argv)
-    flags.DEFINE_string("out", None, "Folder for the cache (then train with --config.data.latent_cache=OUT).",
+    flags.DEFINE_string("out", None, "Folder or gs:// prefix for the cache (then train with "
+                        "--config.data.latent_cache=OUT).",
                         flag_values=fv)
     flags.mark_flags_as_required(["config", "out"], flag_values=fv)
     _parse(fv, argv)

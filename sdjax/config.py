@@ -76,6 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.num_workers = 0  # worker processes decoding batches (grain mp_prefetch); 0: threads of this process
     c.data.prefetch = 4  # batches decoded ahead
     c.data.latent_cache = ""  # a folder written by `sdjax cache-latents`: train on its VAE latents, not images
+    # `sdjax cache-latents` also stores the frozen text encoders' states, and training from that cache conditions
+    # on them: the step runs the UNet alone (docs/data.md#latent-cache). Not with a trained text encoder.
+    c.data.cache_text_states = False
     c.data.aspect_buckets = False  # batches of one aspect-ratio bucket each (fine-tuning on mixed shapes)
     c.data.bucket_step = 64  # bucket sides are multiples of this (of the VAE x UNet downsampling)
     c.data.bucket_max_aspect = 2.0  # the most elongated bucket (long side / short side)

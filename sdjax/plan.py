@@ -19,6 +19,7 @@ import re
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from sdjax import libtpu_host
@@ -154,7 +155,7 @@ def plan_step(config: ml_collections.ConfigDict, topology: str, cache_dir: str |
                 capacity_bytes=spec.hbm_bytes if spec else None)
     start = time.perf_counter()
     try:
-        lowered, compiled = setup.compile(setup.abstract_batch(), jax.eval_shape(lambda: jax.random.key(0)))
+        lowered, compiled = setup.compile(planned_batch(setup), jax.eval_shape(lambda: jax.random.key(0)))
     except Exception as e:  # XLA refuses programs that exceed HBM: report it as "does not fit"
         plan.compile_s = time.perf_counter() - start
         message = str(e)
@@ -180,6 +181,30 @@ def plan_step(config: ml_collections.ConfigDict, topology: str, cache_dir: str |
         plan.images_per_s_per_device = plan.batch_per_device / plan.roofline_step_s
     _save(plan, cache_path)
     return plan
+
+
+def planned_batch(setup: training_setup.TrainingSetup) -> dict:
+    """ShapeDtypeStructs of the global batch `sdjax train` feeds this config's step: images, or from a latent
+    cache (data.latent_cache) the VAE posterior's moments instead of pixels, and with data.cache_text_states
+    the chosen captions' text states instead of token ids (sdjax/data/latent_cache.py): a UNet-only step."""
+    batch = setup.abstract_batch()
+    config, models = setup.config, setup.models
+    if not config.data.latent_cache:
+        return batch
+    b, sharding = config.train.batch_size, setup.batch_sharding
+    side = config.data.resolution // models.vae_scale_factor
+    moments = jax.ShapeDtypeStruct((b, side, side, models.latent_channels), jnp.float32, sharding=sharding)
+    del batch["pixel_values"]
+    batch.update(latent_mean=moments, latent_std=moments)
+    if config.data.get("cache_text_states"):
+        dtype = models_lib.compute_dtype(config.train.precision)  # cached in the dtype the step computes them in
+        del batch["input_ids"]
+        batch["encoder_hidden_states"] = jax.ShapeDtypeStruct(
+            (b, config.data.max_length, models.unet.cross_attention_dim), dtype, sharding=sharding)
+        if models.sdxl:
+            batch["text_embeds"] = jax.ShapeDtypeStruct((b, models.text_encoder_2_config.projection_dim), dtype,
+                                                        sharding=sharding)
+    return batch
 
 
 def _save(plan: Plan, cache_path: str | None) -> None:

@@ -3,7 +3,8 @@
 A batch {pixel_values [B,H,W,3] in [-1,1], input_ids [B,77], time_ids [B,6]} becomes a loss like this:
   frozen VAE encode -> latents x scaling factor (or, from a latent cache, {latent_mean, latent_std} sampled
   with the same rng); frozen CLIP text encoder -> text embeddings (SDXL: two encoders, their pooled
-  projection, and time_ids: each image's size and crop);
+  projection, and time_ids: each image's size and crop), or from a latent cache with text states, the
+  cached {encoder_hidden_states (, text_embeds)}: the step then runs the UNet alone;
   noise + random timesteps -> noisy latents (DDPM forward process);
   UNet predicts epsilon (or v) -> MSE in float32 -> grads of the trainable params -> optax update.
 Compute runs in the models' dtype (bf16 by default); params and optimizer state stay float32.
@@ -171,7 +172,10 @@ def make_example_losses(models: models_lib.Models, config: ml_collections.Config
             latent_mean, latent_std = models_lib.image_latent_moments(models, params["vae"], batch["pixel_values"])
         latents = jax.vmap(lambda mean, std, k: models_lib.sample_latents(models, mean[None], std[None], k)[0])(
             latent_mean, latent_std, latent_rngs)
-        conditioning = models_lib.batch_conditioning(models, params, batch)
+        if "encoder_hidden_states" in batch:  # cached text states (data.cache_text_states): the encoders already ran
+            conditioning = cached_conditioning(models, batch)
+        else:
+            conditioning = models_lib.batch_conditioning(models, params, batch)
         noise = jax.vmap(lambda k: noise_lib.training_noise(k, latents.shape[1:], loss.noise_offset))(noise_rngs)
         input_noise = jax.vmap(lambda k, n: noise_lib.perturbed_noise(k, n, loss.input_perturbation))(
             noise_rngs, noise)
@@ -187,6 +191,16 @@ def make_example_losses(models: models_lib.Models, config: ml_collections.Config
         return losses
 
     return example_losses
+
+
+def cached_conditioning(models: models_lib.Models, batch: dict) -> dict[str, jax.Array]:
+    """`predict_noise`'s conditioning from a latent cache's text states (sdjax/data/latent_cache.py), what
+    `models.batch_conditioning` computes from token ids: the states, and SDXL's pooled projection and
+    size/crop time ids."""
+    conditioning = {"context": batch["encoder_hidden_states"]}
+    if models.sdxl:
+        conditioning.update(text_embeds=batch["text_embeds"], time_ids=batch["time_ids"])
+    return conditioning
 
 
 def combine_example_losses(losses: jax.Array, config: ml_collections.ConfigDict) -> jax.Array:

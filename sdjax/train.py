@@ -252,6 +252,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, set_by_user: Collecti
                 writer.write(step, evaluator.evaluate_state(state))
                 release_freed_host_memory()  # the first evaluation compiled its step
                 window_start, window_steps = time.perf_counter(), 0
+            checkpoints.check_saves()  # a failed background save stops the run now, not at the next save
             stop_now = stop.requested or checkpoints.reached_preemption(step)
             if step % config.train.checkpoint_every == 0 or step == total or stop_now:
                 checkpoints.save(step, state, step_rng)  # asynchronous: the next steps run while it writes
@@ -274,10 +275,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, set_by_user: Collecti
             progress.write(f"Interrupted: stopped cleanly after step {int(state.step)}.")
     finally:
         stop.uninstall()
-        checkpoints.close()  # waits until the last checkpoint is committed
         batches.close()  # stops grain's threads and worker processes
         progress.close()
         writer.close()
+        checkpoints.close()  # waits until the last checkpoint is committed; raises if it failed
 
     # --- VAE stage: the latent scaling factor (its file marks the run finished) -----------------------
     if config.train.stage == "vae" and not interrupted:

@@ -15,6 +15,7 @@ import os
 import ml_collections
 
 from sdjax import data as data_lib
+from sdjax import lora as lora_lib
 from sdjax.config import (ATTENTIONS, BETA_SCHEDULES, DECAYS, OPTIMIZERS, PRECISIONS, PREDICTION_TYPES,
                           REMAT_POLICIES, SCHEDULERS, STAGES, ConfigError, find_config_file)
 from sdjax.data.records import MAX_BAD_FRACTION
@@ -275,6 +276,25 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
             if data[key]:
                 raise ConfigError(f"data.{key}", data[key], "expected False with data.latent_cache (the cache "
                                                             "holds the centre crop, encoded once)")
+    if data.get("cache_text_states"):
+        _validate_cached_text_states(config)
+
+
+def _validate_cached_text_states(config: ml_collections.ConfigDict) -> None:
+    """Cached text states are the frozen text encoders' outputs, read from a latent cache: a run that trains
+    a text encoder must compute them in the step."""
+    if not config.data.latent_cache:
+        raise ConfigError("data.cache_text_states", True, "the text states come from a latent cache: set data."
+                          "latent_cache=DIR (written by `sdjax cache-latents --config.data.cache_text_states=True`)")
+    if config.train.train_text_encoder:
+        raise ConfigError("data.cache_text_states", True, "train.train_text_encoder=True trains the text encoder, "
+                          "so its states change every step: set data.cache_text_states=False (the cache's token ids "
+                          "then go through the text encoder in the step) or train.train_text_encoder=False")
+    if lora_lib.enabled(config) and config.lora.text_encoder_target_modules:
+        raise ConfigError("data.cache_text_states", True, "LoRA adapters in the text encoder "
+                          f"(lora.text_encoder_target_modules={tuple(config.lora.text_encoder_target_modules)}) "
+                          "change its states every step: set data.cache_text_states=False, or "
+                          "lora.text_encoder_target_modules=()")
 
 
 def validate_against_models(config: ml_collections.ConfigDict, models) -> None:

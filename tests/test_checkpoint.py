@@ -1,19 +1,13 @@
-"""Checkpoints: exact resume, preemption (SIGTERM), cut-off writes, config changes, retention, inference load."""
+"""Checkpoints: exact resume, cut-off writes, config changes, retention, inference load."""
 
 import hashlib
-import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny import FAST_COMPILE_FLAGS
+from tiny import small_state
 
 from sdjax import checkpoint as checkpoint_lib
 from sdjax import config as config_lib
@@ -22,8 +16,6 @@ from sdjax import step as step_lib
 from sdjax import train as train_lib
 from sdjax import training_setup
 from sdjax import validation
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config():
@@ -193,7 +185,7 @@ def test_cut_off_last_checkpoint_falls_back_to_previous_with_warning(straight_ru
     checkpoints.close()
     assert restored.step == 2 and int(restored.state.step) == 2
     warnings = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
-    assert "4 was cut off mid-write" in warnings and "6.orbax-checkpoint-tmp-1" in warnings
+    assert "['4', '6.orbax-checkpoint-tmp-1'] in" in warnings and "were cut off mid-write" in warnings
     assert sorted(os.listdir(directory)) == ["2"]  # so that the run can write steps 4 and 6 again
 
 
@@ -212,28 +204,20 @@ def test_damaged_last_checkpoint_falls_back_to_previous_with_warning(straight_ru
     assert any("4 is incomplete or damaged" in r.getMessage() for r in caplog.records)
 
 
-def _small_state(step, ema=True):
-    return step_lib.TrainState(
-        step=jnp.asarray(step, jnp.int32), params={"unet": {"w": jnp.full((4,), 1.0)}},
-        frozen={"vae": {"w": jnp.full((2,), 3.0)}, "text_encoder": {"w": jnp.full((3,), 4.0)}},
-        opt_state=({"mu": {"unet": {"w": jnp.zeros((4,))}}},),
-        ema_params={"unet": {"w": jnp.full((4,), 2.0)}} if ema else None)
-
-
 def test_keeps_newest_and_every_nth(tmp_path, tiny_config):
     tiny_config.train.checkpoint_every = 1
     tiny_config.train.keep_checkpoints = 2
     tiny_config.train.keep_checkpoint_every = 4
     checkpoints = checkpoint_lib.Checkpoints(tmp_path, tiny_config)
     for step in range(1, 10):
-        checkpoints.save(step, _small_state(step), jax.random.key(0))
+        checkpoints.save(step, small_state(step), jax.random.key(0))
     checkpoints.close()
     assert sorted(int(name) for name in os.listdir(tmp_path)) == [4, 8, 9]
 
 
 def test_inference_params_are_ema_when_present(tmp_path, tiny_config):
     checkpoints = checkpoint_lib.Checkpoints(checkpoint_lib.checkpoint_dir(tiny_config, str(tmp_path)), tiny_config)
-    checkpoints.save(7, _small_state(7), jax.random.key(0))
+    checkpoints.save(7, small_state(7), jax.random.key(0))
     checkpoints.close()
     config, params, step = checkpoint_lib.load_params_for_inference(str(tmp_path))
     assert step == 7 and sorted(params) == ["text_encoder", "unet", "vae"]
@@ -252,7 +236,7 @@ def test_relative_workdir_saves_resumes_and_loads(tmp_path, tiny_config, monkeyp
     monkeypatch.chdir(tmp_path)
     checkpoints = checkpoint_lib.Checkpoints(checkpoint_lib.checkpoint_dir(tiny_config, "workdirs/run"), tiny_config)
     for step in (1, 2):
-        checkpoints.save(step, _small_state(step), jax.random.key(0))
+        checkpoints.save(step, small_state(step), jax.random.key(0))
     checkpoints.close()
     assert sorted(os.listdir(tmp_path / "workdirs" / "run" / "checkpoints")) == ["1", "2"]
     with caplog.at_level("WARNING"):
@@ -260,7 +244,7 @@ def test_relative_workdir_saves_resumes_and_loads(tmp_path, tiny_config, monkeyp
     assert step == 2 and params["unet"]["w"][0] == 2.0
     assert not [r for r in caplog.records if "read only" in r.getMessage()]  # orbax's notice, dropped
     reopened = checkpoint_lib.Checkpoints(checkpoint_lib.checkpoint_dir(tiny_config, "workdirs/run"), tiny_config)
-    restored = reopened.restore_latest(lambda: _small_state(0))
+    restored = reopened.restore_latest(lambda: small_state(0))
     reopened.close()
     assert int(restored.state.step) == 2
 
@@ -272,48 +256,3 @@ def test_bad_checkpoint_settings_are_config_errors(tiny_config, key, value):
     tiny_config.train[key] = value
     with pytest.raises(config_lib.ConfigError, match=f"train.{key}"):
         validation.validate(tiny_config, 8)
-
-
-def _sdjax_train(workdir, cache, steps):
-    overrides = dict(steps=steps, batch_size=8, log_every=1, precision="fp32", checkpoint_every=100_000,
-                     sample_every=0, eval_every=0, compilation_cache_dir=cache)
-    argv = [sys.executable, "-m", "sdjax.cli", "train", "--config", os.path.join(ROOT, "configs", "demo.py"),
-            "--workdir", str(workdir), "--config.data.resolution=16", "--config.data.demo_num_examples=64",
-            "--config.data.num_threads=1", "--config.optimizer.warmup_steps=2",
-            "--config.model.vae_config="]  # no VAE stage
-    argv += [f"--config.train.{k}={v}" for k, v in overrides.items()]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE_FLAGS}  # one CPU device: quicker
-    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _logged_steps(workdir):
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line)["step"] for line in f if line.strip()]
-
-
-@pytest.mark.slow
-def test_sigterm_saves_at_step_boundary_exits_0_and_resumes(tmp_path):
-    workdir, cache = tmp_path / "run", str(tmp_path / "xla")
-    process = _sdjax_train(workdir, cache, steps=100_000)
-    deadline = time.time() + 400
-    while len(_logged_steps(workdir)) < 2 and process.poll() is None and time.time() < deadline:
-        time.sleep(0.5)
-    process.send_signal(signal.SIGTERM)
-    stdout, stderr = process.communicate(timeout=300)
-    assert process.returncode == 0, stderr[-3000:]
-    saved_step = json.loads(stdout.strip().splitlines()[-1])["step"]
-    assert 2 <= saved_step < 100_000 and saved_step == _logged_steps(workdir)[-1]
-    assert os.listdir(workdir / "checkpoints") == [str(saved_step)]
-    assert "SIGTERM: saved a checkpoint at step" in stdout + stderr
-    config, _, step = checkpoint_lib.load_params_for_inference(str(workdir))
-    assert step == saved_step and config.train.steps == 100_000
-
-    process = _sdjax_train(workdir, cache, steps=saved_step + 2)
-    stdout, stderr = process.communicate(timeout=400)
-    assert process.returncode == 0, stderr[-3000:]
-    assert f"Resuming from the checkpoint at step {saved_step}" in stdout + stderr
-    assert json.loads(stdout.strip().splitlines()[-1])["step"] == saved_step + 2
-    assert _logged_steps(workdir)[-2:] == [saved_step + 1, saved_step + 2]

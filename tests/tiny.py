@@ -114,3 +114,15 @@ def comparable_config(config):
     nothing, while gradients well above 1e-3 still take near-lr steps."""
     config.optimizer.eps = 1e-3
     return config
+
+
+def small_state(step, ema=True):
+    """A TrainState of a few small arrays, for tests of checkpoints that need no model."""
+    import jax.numpy as jnp
+
+    from sdjax import step as step_lib
+    return step_lib.TrainState(
+        step=jnp.asarray(step, jnp.int32), params={"unet": {"w": jnp.full((4,), 1.0)}},
+        frozen={"vae": {"w": jnp.full((2,), 3.0)}, "text_encoder": {"w": jnp.full((3,), 4.0)}},
+        opt_state=({"mu": {"unet": {"w": jnp.zeros((4,))}}},),
+        ema_params={"unet": {"w": jnp.full((4,), 2.0)}} if ema else None)

@@ -7,14 +7,21 @@
 
 The metadata is read once; images are read when a record is asked for, so startup does not touch them.
 A row that is malformed, lacks a caption or names a missing file becomes a bad record (skipped, counted).
+
+The folder may be a `gs://` URL (files.py): the metadata file is one GET, each image (and caption file) one
+more; the caption-file layout lists the bucket prefix once at startup. Many small objects are the slow way
+to read a bucket (each GET has ~10-50 ms latency, hidden only by many reader threads): for large sets on a
+pod prefer webdataset shards or the latent cache (launch/README.md, "Data on a pod").
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 
+from sdjax.data import files
 from sdjax.data.records import BadRecord, DataError
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
@@ -23,7 +30,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 
 def _rows_from_jsonl(path: str) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with io.StringIO(files.read_text(path)) as f:
         for line_number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -36,7 +43,7 @@ def _rows_from_jsonl(path: str) -> list[dict]:
 
 
 def _rows_from_csv(path: str) -> list[dict]:
-    with open(path, encoding="utf-8", newline="") as f:
+    with io.StringIO(files.read_text(path), newline="") as f:
         return list(csv.DictReader(f))
 
 
@@ -50,31 +57,29 @@ def _entries_from_metadata(root: str, path: str, caption_column: str) -> list[tu
     for row in rows:
         file_name = row.get("file_name")
         error = row.get("error") or (None if file_name else "row without file_name")
-        entries.append((os.path.join(root, file_name) if file_name else None, row.get(caption_column), error))
+        entries.append((files.join(root, file_name) if file_name else None, row.get(caption_column), error))
     return entries
 
 
 def _entries_from_caption_files(root: str) -> list[tuple]:
     """(image path, None, None) per image below `root`; the caption is read from the .txt beside it."""
-    images = []
-    for folder, subfolders, files in os.walk(root):
-        subfolders.sort()
-        images += [os.path.join(folder, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+    images = [path for path in files.walk_files(root) if path.lower().endswith(IMAGE_EXTENSIONS)]
     return [(image, None, None) for image in images]
 
 
 class ImageFolderSource:
     """Random access to {"image": encoded bytes, "caption": str | list of str | None} of an image folder."""
 
-    def __init__(self, root: str, caption_column: str = "text"):
-        if not os.path.isdir(root):
-            raise DataError(f"data.path={root!r} is not a folder (data.source=imagefolder expects a folder of "
-                            f"images with {' or '.join(METADATA_FILES)}, or with a .txt caption beside each image).")
-        self.root = root
-        present = [name for name in METADATA_FILES if os.path.isfile(os.path.join(root, name))]
+    def __init__(self, root: str, caption_column: str = "text", key: str = "data.path"):
+        if not files.isdir(root):
+            raise DataError(f"{key}={root!r} is not a folder (data.source=imagefolder expects a local or gs:// "
+                            f"folder of images with {' or '.join(METADATA_FILES)}, or with a .txt caption beside "
+                            "each image).")
+        self.root = root = root.rstrip("/") if files.is_remote(root) else root
+        present = [name for name in METADATA_FILES if files.isfile(files.join(root, name))]
         if len(present) > 1:
             raise DataError(f"{root} holds both {present[0]} and {present[1]}; keep one.")
-        self.metadata = os.path.join(root, present[0]) if present else None
+        self.metadata = files.join(root, present[0]) if present else None
         if self.metadata:
             self.entries = _entries_from_metadata(root, self.metadata, caption_column)
         else:
@@ -92,8 +97,7 @@ class ImageFolderSource:
             raise BadRecord(error)
         if self.metadata is None:
             caption = _read_caption_file(os.path.splitext(path)[0] + ".txt")
-        with open(path, "rb") as f:
-            return {"image": f.read(), "caption": caption}
+        return {"image": files.read_bytes(path), "caption": caption}
 
     def describe(self, index: int) -> str:
         path, _, _ = self.entries[index]
@@ -105,7 +109,6 @@ class ImageFolderSource:
 
 def _read_caption_file(path: str) -> str:
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
+        return files.read_text(path)
     except FileNotFoundError:
         raise BadRecord(f"no caption file {path}") from None

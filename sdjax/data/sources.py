@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import glob
-import os
-
 import ml_collections
 
+from sdjax.data import files
 from sdjax.data.imagefolder import ImageFolderSource
 from sdjax.data.records import DataError
 from sdjax.data.shapes import ShapesSource
@@ -19,7 +17,8 @@ SOURCES = ("demo", "imagefolder", "webdataset", "tfds", "auto")
 def resolved_source(config: ml_collections.ConfigDict) -> str:
     """The concrete source that `data.source` names; "auto" (the demo config's) is read off `data.path` alone:
     no path: the demo; .tar shards (a file, brace pattern, glob, or folder of them): webdataset; another
-    folder: imagefolder. So `--config.data.path=DIR` is the one override that points the demo at your data.
+    folder: imagefolder; the same for gs:// paths. So `--config.data.path=DIR` is the one override that points
+    the demo at your data.
     Pure: the code that builds a run writes the answer into its config once (sdjax/run_config.py)."""
     data = config.data
     if data.source != "auto":
@@ -27,12 +26,12 @@ def resolved_source(config: ml_collections.ConfigDict) -> str:
     path = data.path
     if not path:
         return "demo"
-    tar_files = glob.glob(os.path.join(path, "*.tar")) if os.path.isdir(path) else []
-    if ".tar" in path or tar_files:
+    if ".tar" in path:  # a shard, pattern or list of them: no need to look
         return "webdataset"
-    if os.path.isdir(path):
-        return "imagefolder"
-    raise DataError(f"data.source='auto' cannot tell what data.path={path!r} is: expected a folder of images "
+    if files.isdir(path):
+        return "webdataset" if files.glob(files.join(path.rstrip("/"), "*.tar")) else "imagefolder"
+    raise DataError(f"data.source='auto' cannot tell what data.path={path!r} is (no such folder): expected a "
+                    "local or gs:// folder of images "
                     "with metadata.jsonl/.csv (imagefolder) or .tar shards (webdataset); for TFDS set "
                     "data.source=tfds.")
 
@@ -65,11 +64,12 @@ def make_source(config: ml_collections.ConfigDict, split: str = "train"):
         return ShapesSource(num_examples=num, resolution=data.resolution, seed=seed, held_out=held_out)
     if split == "eval" and not has_eval_split(config):
         raise DataError(f"data.source={source!r} has no held-out data: set {held_out_key(config)}.")
-    path = data.eval_path if split == "eval" and source != "tfds" else data.path
+    key = "data.eval_path" if split == "eval" and source != "tfds" else "data.path"
+    path = data.eval_path if key == "data.eval_path" else data.path
     if source == "imagefolder":
-        return ImageFolderSource(path, data.caption_column)
+        return ImageFolderSource(path, data.caption_column, key)
     if source == "webdataset":
-        return WebDatasetSource(path, data.index_cache_dir)
+        return WebDatasetSource(path, data.index_cache_dir, key)
     if source == "tfds":
         tfds_split = data.eval_split if split == "eval" else data.split
         return TfdsSource(path, tfds_split, data.tfds_data_dir, data.image_column, data.caption_column)

@@ -6,6 +6,11 @@ skipped and counted). Prepare a dataset once with
 `tfds build NAME --file_format=array_record --data_dir=DIR` (TFDS' tfrecord format is sequential only and
 would need tf.data).
 
+`data.tfds_data_dir` may be a `gs://` folder (e.g. one `tfds build --data_dir=gs://...` wrote, or a copy of a
+local one): TFDS reads the dataset's metadata through etils.epath (gcsfs), and array_record's reader has its
+own GCS client (google-cloud-cpp, application default credentials; against an emulator it reads
+`CLOUD_STORAGE_EMULATOR_ENDPOINT`), so each record is a ranged read of the bucket object.
+
 Feature names: `data.image_column` (default `image`) and `data.caption_column`; a `/` reaches into nested
 features, e.g. `captions/text` for coco_captions, whose five captions per image are picked from at random.
 """
