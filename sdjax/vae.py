@@ -252,10 +252,15 @@ def is_finished(workdir: str) -> bool:
 
 def vae_stage_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The VAE stage's config for a UNet run with `model.vae_config`: that file's, on the UNet run's data
-    (`config.data`, so `--config.data.path=DIR` points both stages at DIR)."""
+    (`config.data`, so `--config.data.path=DIR` points both stages at DIR), its checkpoints in
+    `train.checkpoint_dir`-vae when the run names one."""
     vae_config = config_lib.load_config_file(config_lib.find_config_file(config.model.vae_config))
     vae_config.train.stage = "vae"
     vae_config.data = ml_collections.ConfigDict(config.data.to_dict())
+    if config.train.checkpoint_dir:  # shared storage (a pod's bucket) for this run: the VAE stage's too
+        # Beside it, not in it: orbax deletes what it takes for unfinished saves in its directory (on GCS, a
+        # folder without a commit marker).
+        vae_config.train.checkpoint_dir = config.train.checkpoint_dir.rstrip("/") + "-vae"
     return vae_config
 
 

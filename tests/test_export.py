@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 import torch
 
+from gcs_server import GcsServer
 from sdjax import checkpoint as checkpoint_lib
 from sdjax import cli
 from sdjax import export as export_lib
 from sdjax import models as models_lib
 from sdjax import optim
 from sdjax import step as step_lib
+from sdjax import train as train_lib
 
 # Tolerance: fp32 on CPU, outputs of order 1. XLA and PyTorch convolutions/attention accumulate in other
 # orders; the largest differences seen are ~1e-4 (UNet). The issue asks for <= 1e-3.
@@ -26,10 +28,14 @@ ATOL = 1e-3
 @pytest.fixture(scope="module")
 def run_workdir(tmp_path_factory):
     """A run's workdir holding one checkpoint of the tiny models, every weight perturbed from its init, so a
-    weight that is dropped or transposed wrongly shows in the outputs (init has zero biases, unit norms)."""
+    weight that is dropped or transposed wrongly shows in the outputs (init has zero biases, unit norms).
+    The checkpoint is in a gs:// bucket (a GCS API server on 127.0.0.1), named by the run's config.json."""
     from tiny import tiny_config
+    server = GcsServer()
     config = tiny_config()
+    config.train.checkpoint_dir = server.make_bucket("sdjax-export") + "/run"
     workdir = str(tmp_path_factory.mktemp("run"))
+    train_lib.save_config(config, workdir)
     models = models_lib.build_models(config)
     params = jax.device_get(models_lib.init_params(models, config, jax.random.key(0)))
     noise = np.random.default_rng(0)
@@ -38,7 +44,8 @@ def run_workdir(tmp_path_factory):
     checkpoints = checkpoint_lib.Checkpoints(checkpoint_lib.checkpoint_dir(config, workdir), config)
     checkpoints.save(3, state, jax.random.key(0))
     checkpoints.close()
-    return workdir
+    yield workdir
+    server.stop()
 
 
 def _export(workdir, out, *flags):

@@ -1,5 +1,5 @@
 """A short training run with sampling, evaluation and EMA: what it writes under the workdir (metrics.jsonl,
-TensorBoard events, sample grids), the validation loss, and `sdjax sample --workdir` on the result."""
+TensorBoard events, sample grids), the validation loss, and `sdjax sample --workdir` on the result, whose checkpoints are in a gs:// bucket."""
 
 import json
 import os
@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from gcs_server import GcsServer
 from sdjax import cli
 from sdjax import evaluation
 from sdjax import mesh as mesh_lib
@@ -39,11 +40,15 @@ def run_config():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """The run: the train step, the sampler and the evaluator compiled (the slow tests below share it)."""
+    """The run: the train step, the sampler and the evaluator compiled (the slow tests below share it). Its
+    checkpoints are in a gs:// bucket (a GCS API server on 127.0.0.1), where `sdjax sample` reads them."""
+    server = GcsServer()
     workdir = str(tmp_path_factory.mktemp("run"))
     config = run_config()
+    config.train.checkpoint_dir = server.make_bucket("sdjax-samples") + "/run"
     result = train_lib.train(config, workdir)
-    return config, workdir, result
+    yield config, workdir, result
+    server.stop()
 
 
 @pytest.mark.slow

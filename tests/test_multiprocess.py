@@ -2,7 +2,9 @@
 process x 8 devices on the same global batches, and write one shared checkpoint that one process restores.
 
 The mesh is fsdp=8, so every large array is split over the devices of both processes: each process writes
-its own shards of the checkpoint, and restoring gathers them onto this single process's 8 devices.
+its own shards of the checkpoint, and restoring gathers them onto this single process's 8 devices. The
+checkpoint is in a gs:// bucket, as on a pod (hosts share no disk): a GCS API server on 127.0.0.1
+(tests/gcs_server.py) that both processes reach.
 """
 
 import json
@@ -20,6 +22,7 @@ from sdjax import checkpoint as checkpoint_lib
 from sdjax import distributed
 from sdjax import train as train_lib
 from sdjax import training_setup
+from gcs_server import GcsServer
 from sdjax.metrics import read_metrics
 from tiny import PARAMS_ATOL, comparable_config, load_config_file, tiny_config
 
@@ -55,7 +58,16 @@ def config_overrides(config, base) -> list[str]:
 
 @pytest.mark.slow  # about 3 minutes on 2 CPU cores: three JAX processes start and compile
 def test_two_processes_train_like_one_and_share_a_checkpoint(tmp_path):
+    server = GcsServer()
+    try:
+        _two_processes_train_like_one(tmp_path, server.make_bucket("sdjax-pod"))
+    finally:
+        server.stop()
+
+
+def _two_processes_train_like_one(tmp_path, bucket):
     config, demo = _test_config()
+    config.train.checkpoint_dir = f"{bucket}/run"
     multi_dir, single_dir = tmp_path / "two_processes", tmp_path / "one_process"
     command = [sys.executable, os.path.join(ROOT, "launch", "local.py"), "-n", "2", "--devices_per_process", "4",
                "--", sys.executable, "-m", "sdjax.cli", "train", "--config", os.path.join(ROOT, "configs", "demo.py"),
@@ -65,7 +77,9 @@ def test_two_processes_train_like_one_and_share_a_checkpoint(tmp_path):
         # Started first, so that its start-up and compilation overlap the one-process run below.
         launcher = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         try:
-            reference = train_lib.train(config, str(single_dir))  # this process: 8 devices
+            reference_config = config.copy_and_resolve_references()
+            reference_config.train.checkpoint_dir = ""  # its own, in single_dir
+            reference = train_lib.train(reference_config, str(single_dir))  # this process: 8 devices
             launcher.wait(timeout=TIMEOUT_S)
         finally:
             if launcher.poll() is None:
@@ -88,7 +102,7 @@ def test_two_processes_train_like_one_and_share_a_checkpoint(tmp_path):
     # One shared checkpoint, restored by this one process onto its 8 devices. Params: tiny.PARAMS_ATOL (the
     # same float32 sums in another order, through 5 updates).
     abstract_state = training_setup.build(config).abstract_state
-    restored = checkpoint_lib.Checkpoints(multi_dir / "checkpoints", config).restore_latest(lambda: abstract_state)
+    restored = checkpoint_lib.Checkpoints(config.train.checkpoint_dir, config).restore_latest(lambda: abstract_state)
     assert restored is not None and restored.step == NUM_STEPS
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=PARAMS_ATOL),
                  restored.state.params, reference.state.params)

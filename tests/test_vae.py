@@ -1,6 +1,8 @@
 """The VAE stage (`sdjax train-vae`) and the two-stage demo: the reconstruction loss goes down, the latent
 scaling factor is 1 / std of the latents, a VAE run exports to a PyTorch AutoencoderKL that reconstructs as the
-Flax one does, and a short VAE-then-UNet run completes and `sdjax eval-demo` scores it."""
+Flax one does, and a short VAE-then-UNet run completes and `sdjax eval-demo` scores it. That run keeps its
+checkpoints in a gs:// bucket (a GCS API server on 127.0.0.1, tests/gcs_server.py), as a pod run does: both
+stages save there, and `eval-demo` and `export` read them from there."""
 
 import json
 import os
@@ -9,8 +11,10 @@ import jax
 import numpy as np
 import pytest
 import torch
+from etils import epath
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from gcs_server import GcsServer
 from sdjax import checkpoint as checkpoint_lib
 from sdjax import cli
 from sdjax import data as data_lib
@@ -40,8 +44,16 @@ from tiny import tiny_vae_config as get_config  # noqa: F401
 
 
 @pytest.fixture(scope="module")
-def two_stage_run(tmp_path_factory):
-    """`sdjax train` of the tiny UNet with model.vae_config: the VAE stage into WORKDIR/vae, then the UNet."""
+def bucket():
+    server = GcsServer()
+    yield server.make_bucket("sdjax-two-stage")
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def two_stage_run(tmp_path_factory, bucket):
+    """`sdjax train` of the tiny UNet with model.vae_config: the VAE stage into WORKDIR/vae, then the UNet;
+    checkpoints in the bucket."""
     root = tmp_path_factory.mktemp("two_stage")
     config_file = root / "tiny_vae.py"
     config_file.write_text(VAE_CONFIG_FILE)
@@ -50,6 +62,7 @@ def two_stage_run(tmp_path_factory):
     config.model.vae_config = str(config_file)
     config.train.steps = 2
     config.train.sample_every = config.train.eval_every = 0  # eval-demo samples from it below
+    config.train.checkpoint_dir = f"{bucket}/two-stage"
     workdir = str(root / "run")
     result = train_lib.train(config, workdir)
     return config, workdir, result
@@ -63,6 +76,12 @@ def test_vae_stage_runs_first_and_the_unet_stage_takes_its_weights_and_scaling_f
     with open(os.path.join(vae_dir, vae_lib.SCALING_FILE)) as f:
         stats = json.load(f)
     assert stats["step"] == 30 and stats["scaling_factor"] > 0
+    checkpoints = epath.Path(config.train.checkpoint_dir)
+    assert (checkpoints / "2" / checkpoint_lib.COMMIT_MARKER).exists()  # the UNet stage's
+    vae_checkpoints = epath.Path(config.train.checkpoint_dir + "-vae")
+    assert (vae_checkpoints / "30" / checkpoint_lib.COMMIT_MARKER).exists()  # the VAE stage's, beside it
+    assert not os.path.exists(os.path.join(workdir, "checkpoints"))
+    assert not os.path.exists(os.path.join(vae_dir, "checkpoints"))
     saved = checkpoint_lib.load_inference_checkpoint(workdir)
     assert saved.config.model.vae_from == vae_dir
     assert saved.config.diffusion.prediction_type == "v_prediction" and saved.config.train.train_text_encoder
