@@ -1,8 +1,10 @@
 """`sdjax train` on a user's image folder or webdataset shards, pointed to on the command line: it trains,
 and the bad records it met show in metrics.jsonl; a source that is all bad stops it with a message."""
 
+import io
 import json
 import os
+import tarfile
 
 import numpy as np
 import pytest
@@ -36,13 +38,33 @@ def test_train_on_image_folder_counts_bad_records(tmp_path):
     assert metrics[-1]["skipped"] >= 1  # 32 examples read: the whole 17-record epoch, the missing one too
 
 
-def test_train_on_webdataset_shards(tmp_path):
-    write_shards(tmp_path / "shards", 20, per_shard=8)
-    pattern = f"{tmp_path}/shards/{{00000..00002}}.tar"
-    assert _train(tmp_path / "run", "--config.data.source=webdataset", f"--config.data.path={pattern}",
-                  f"--config.data.index_cache_dir={tmp_path / 'index'}") == 0
-    metrics = read_metrics(tmp_path / "run")
-    assert len(metrics) == 4 and metrics[-1]["skipped"] == 0
+def test_train_on_webdataset_shards_locally_and_in_a_bucket_alike(tmp_path):
+    """The same shards (one with a bad record) on local disk and in a gs:// bucket (a GCS API server on
+    127.0.0.1): the same losses and bad-record counts. The bucket's shard index is cached in the bucket."""
+    import fsspec
+
+    from gcs_server import GcsServer
+    local = tmp_path / "shards"
+    write_shards(local, 20, per_shard=8)
+    with tarfile.open(local / "00003.tar", "w") as tar:  # an image that is not one: skipped and counted
+        for name, payload in (("bad.jpg", b"not an image"), ("bad.txt", b"bad record")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, fileobj=io.BytesIO(payload))
+    server = GcsServer()
+    try:
+        bucket = server.make_bucket("sdjax-shards")
+        fsspec.filesystem("gs").put(f"{local}/", f"{bucket}/shards", recursive=True)
+        for name, folder, index in (("local", local, tmp_path / "index"), ("gcs", f"{bucket}/shards", f"{bucket}/index")):
+            assert _train(tmp_path / name, "--config.data.source=webdataset",
+                          f"--config.data.path={folder}/{{00000..00003}}.tar",
+                          f"--config.data.index_cache_dir={index}") == 0
+    finally:
+        server.stop()
+    local_metrics, remote_metrics = (read_metrics(tmp_path / name) for name in ("local", "gcs"))
+    assert len(local_metrics) == 4 and local_metrics[-1]["skipped"] >= 1  # 32 of 25 records: the bad one met
+    assert [m["loss"] for m in remote_metrics] == [m["loss"] for m in local_metrics]
+    assert [m["skipped"] for m in remote_metrics] == [m["skipped"] for m in local_metrics]
 
 
 @pytest.mark.parametrize("named", [True, False], ids=["source-named", "path-alone"])

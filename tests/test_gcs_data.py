@@ -210,19 +210,3 @@ def test_tfds_dataset_in_a_bucket_reads_the_local_records(server, tmp_path, monk
         assert list(remote_records[i]["caption"]) == list(local_records[i]["caption"])
     with pytest.raises(data_lib.DataError, match="data.tfds_data_dir='gs://no-such-bucket-x/tfds'"):
         data_lib.make_source(_config("tfds", name, tfds_data_dir="gs://no-such-bucket-x/tfds"))
-
-
-# --- training ----------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.slow  # compiles the tiny train step once (~50 s alone); the second run reuses it
-def test_training_on_bucket_shards_gives_the_local_losses(shards, tmp_path):
-    from sdjax.metrics import read_metrics
-    from test_data_train import _train
-    local, remote = shards
-    for name, folder in (("local", local), ("gcs", remote)):
-        assert _train(tmp_path / name, "--config.data.source=webdataset", f"--config.data.path={folder}/*.tar") == 0
-    local_metrics, remote_metrics = (read_metrics(tmp_path / name) for name in ("local", "gcs"))
-    assert [m["loss"] for m in remote_metrics] == [m["loss"] for m in local_metrics]
-    assert [m["skipped"] for m in remote_metrics] == [m["skipped"] for m in local_metrics]
-    assert len(remote_metrics) == 4
