@@ -10,11 +10,11 @@ earlier has none, and its reader says so.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Collection
 
 import fsspec
 import grain
@@ -100,16 +100,18 @@ class Encoders:
         return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
 
 
-def _checked_models(config: ml_collections.ConfigDict, out_dir: str) -> models_lib.Models:
-    """The models, after checking the config as the run that will train from this cache is checked."""
-    for notice in run_config.resolve(config):
+def _checked_models(config: ml_collections.ConfigDict, out_dir: str,
+                    set_by_user: Collection[str] = ()) -> models_lib.Models:
+    """The models, after filling in and checking `config` (in place) as the run that will train from this
+    cache is: its augmentations that a cache cannot hold (flip, random crop) are turned off."""
+    config.data.latent_cache = out_dir
+    for notice in run_config.resolve(config, set_by_user):
         logging.warning("%s", notice)
     if not config.model.pretrained:
         raise ConfigError("model.pretrained", "", "a latent cache needs a pretrained VAE (a local "
                                      "diffusers-format folder); a from-scratch VAE is not worth caching")
-    training = copy.deepcopy(config)
-    training.data.latent_cache = out_dir
-    validation.validate(training, jax.device_count(), jax.process_count())
+    validation.validate(config, jax.device_count(), jax.process_count())
+    config.data.latent_cache = ""  # this run reads the images
     models = models_lib.build_models(config)
     validation.validate_against_models(config, models)
     return models
@@ -140,10 +142,10 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def cache_latents(config: ml_collections.ConfigDict, out_dir: str) -> dict:
+def cache_latents(config: ml_collections.ConfigDict, out_dir: str, set_by_user: Collection[str] = ()) -> dict:
     """Encodes this process's share of the source into its shard of `out_dir` (a folder or `gs://...`);
     returns {records, skipped, out, text_states} (this process's counts)."""
-    models = _checked_models(config, out_dir)
+    models = _checked_models(config, out_dir, set_by_user)
     text_states = bool(config.data.cache_text_states)
     text_encoders = tuple(c for c in models.components if c.startswith("text_encoder")) if text_states else ()
     encoders = Encoders(models, config, models_lib.load_pretrained_params(models, config, ("vae", *text_encoders)))

@@ -162,9 +162,10 @@ def _cache_latents(argv: list[str]) -> int:
     from sdjax.cache_latents import cache_latents
     from sdjax.config import ConfigError
     from sdjax.data import DataError
+    from sdjax.run_config import command_line_keys
 
     try:
-        summary = cache_latents(fv.config, fv.out)
+        summary = cache_latents(fv.config, fv.out, command_line_keys(argv))
     except (ConfigError, DataError) as e:
         sys.exit(f"sdjax cache-latents: {e}")
     print(json.dumps(summary))

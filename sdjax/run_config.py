@@ -1,6 +1,6 @@
 """The config of a run as sdjax fills it in, once, before checking and building it.
 
-A config may leave three things to sdjax; `resolve` decides them in place, returns one line per decision for
+A config may leave four things to sdjax; `resolve` decides them in place, returns one line per decision for
 the run to print, and the run's config.json then records what was decided:
   * `data.source="auto"` (the demo config's): the concrete source `data.path` points at;
   * `train.eval_every` with no held-out data (an image folder or shards without `data.eval_path`, a TFDS
@@ -9,6 +9,9 @@ the run to print, and the run's config.json then records what was decided:
   * `optimizer.warmup_steps` longer than `train.steps` (a short try of a shipped config): the warmup is
     shortened to the run, so the learning rate reaches its peak at the last step; set on the command line,
     it stays and validation refuses it.
+  * `data.random_flip` / `data.random_crop` of a config file (configs/sd15.py flips) in a run from a latent
+    cache, or one writing it: the cache holds each image's centre crop, encoded once, so they are off; set
+    on the command line, they stay and validation refuses them.
 The noise schedule of a `model.pretrained` folder is read here too (sdjax/models/noise.py). `validate`
 (sdjax/validation.py) then only checks.
 """
@@ -52,4 +55,10 @@ def resolve(config: ml_collections.ConfigDict, set_by_user: Collection[str] = ()
         notices.append(f"optimizer.warmup_steps={warmup} is longer than the run (train.steps={train.steps}): "
                        f"shortened to {train.steps}.")
         config.optimizer.warmup_steps = train.steps
+    if data.latent_cache:
+        for key in ("random_flip", "random_crop"):
+            if data[key] and f"data.{key}" not in set_by_user:
+                notices.append(f"data.{key}=True does not apply to a latent cache (it holds each image's centre "
+                               "crop, encoded once): off.")
+                data[key] = False
     return notices

@@ -81,3 +81,20 @@ def test_the_demo_source_keeps_its_evaluation(tiny_config):
     tiny_config.train.eval_every = 2
     assert run_config.resolve(tiny_config) == []
     assert tiny_config.data.source == "demo" and tiny_config.train.eval_every == 2
+
+
+def test_a_latent_cache_turns_off_the_config_files_flip_unless_it_is_set_on_the_command_line(tmp_path):
+    """configs/sd15.py flips images; its centre-cropped latent cache cannot: the flip is turned off with a
+    line saying so, for `sdjax cache-latents` and for `sdjax train` from the cache alike."""
+    config = load_config_file(os.path.join(ROOT, "configs", "sd15.py"))
+    assert config.data.random_flip
+    config.data.latent_cache, config.model.pretrained = str(tmp_path), str(tmp_path)
+    notices = run_config.resolve(config, {"data.latent_cache"})
+    assert not config.data.random_flip
+    assert [n for n in notices if n.startswith("data.random_flip=True does not apply to a latent cache")]
+    validation.validate(config, 8)
+
+    config.data.random_flip = True
+    run_config.resolve(config, {"data.latent_cache", "data.random_flip"})
+    with pytest.raises(ConfigError, match="data.random_flip"):
+        validation.validate(config, 8)
