@@ -16,7 +16,6 @@ import shutil
 import tempfile
 from collections.abc import Collection
 
-import fsspec
 import grain
 import jax
 import ml_collections
@@ -117,26 +116,6 @@ def _checked_models(config: ml_collections.ConfigDict, out_dir: str,
     return models
 
 
-def _put(local_path: str, path: str) -> None:
-    """Moves a finished local file to `path`, local or in a bucket, where it appears whole or not at all."""
-    if files.is_remote(path):
-        fs, bare = fsspec.core.url_to_fs(path)
-        fs.put_file(local_path, bare)  # an upload: the object exists only once complete
-        os.remove(local_path)
-    else:
-        os.replace(local_path, path)
-
-
-def _remove(path: str) -> None:
-    if not files.exists(path):
-        return
-    if files.is_remote(path):
-        fs, bare = fsspec.core.url_to_fs(path)
-        fs.rm_file(bare)
-    else:
-        os.remove(path)
-
-
 def _sync(name: str) -> None:
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
@@ -161,7 +140,7 @@ def cache_latents(config: ml_collections.ConfigDict, out_dir: str, set_by_user: 
     if not files.is_remote(out_dir):
         os.makedirs(out_dir, exist_ok=True)
     if process_index == 0:
-        _remove(files.join(out_dir, METADATA))  # an earlier cache's: this one is complete only once rewritten
+        files.remove(files.join(out_dir, METADATA))  # an earlier cache's: this one is complete only once rewritten
         if text_states:
             empty_ids = tokenize(models.tokenizer, "", config.data.max_length)[None]
             empty = {k: v[0] for k, v in encoders.text_states(empty_ids).items()}
@@ -203,7 +182,7 @@ def cache_latents(config: ml_collections.ConfigDict, out_dir: str, set_by_user: 
     check_bad_fraction(skipped, written + skipped, config.data.max_bad_fraction, source_name(config))
     if not written:
         raise DataError(f"no usable record in {source_name(config)} ({skipped} bad; the log names them).")
-    _put(local_path, files.join(out_dir, name))
+    files.move_into(local_path, files.join(out_dir, name))
     if staging != out_dir:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -167,3 +167,25 @@ def write_bytes(path: str, data: bytes) -> None:
     with open(temporary, "wb") as f:
         f.write(data)
     os.replace(temporary, path)
+
+
+def move_into(local_path: str, path: str) -> None:
+    """Moves a finished local file to `path`, local or in a bucket (an upload, streamed from disk), where it
+    appears whole or not at all."""
+    if is_remote(path):
+        fs, bare = _fs(path)
+        fs.put_file(local_path, bare)  # the object exists only once its upload is complete
+        os.remove(local_path)
+    else:
+        os.replace(local_path, path)
+
+
+def remove(path: str) -> None:
+    """Deletes file `path` if it exists."""
+    if not exists(path):
+        return
+    if is_remote(path):
+        fs, bare = _fs(path)
+        fs.rm_file(bare)
+    else:
+        os.remove(path)
