@@ -6,7 +6,8 @@
 starts N copies of the command, each a separate JAX process with its own emulated CPU devices
 (`--devices_per_process`, through XLA_FLAGS), and appends the flags that join them into one run:
 `--coordinator_address=127.0.0.1:PORT --num_processes=N --process_id=I` (PORT: a free one). Ctrl-C and
-SIGTERM are forwarded to every process. When one process fails the others are stopped, since they would
+SIGTERM are forwarded to every process. `{process_id}` in the command becomes each process's index: with
+`--workdir runs/host{process_id}` every process has its own folder, as every host of a pod has its own disk. When one process fails the others are stopped, since they would
 wait for it forever at the next collective. Exit code: 0 if every process succeeded, else the exit code of
 the first process that failed (128 + signal number for a signal).
 """
@@ -40,6 +41,7 @@ def process_env(devices_per_process: int) -> dict[str, str]:
 
 
 def process_command(command: list[str], port: int, num_processes: int, process_id: int) -> list[str]:
+    command = [arg.replace("{process_id}", str(process_id)) for arg in command]
     return command + [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}",
                       f"--process_id={process_id}"]
 

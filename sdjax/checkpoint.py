@@ -25,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 from sdjax import lora as lora_lib
@@ -36,6 +37,7 @@ fsspec.config.conf.setdefault("gs", {})["use_listings_cache"] = False
 
 COMMIT_MARKER = "commit_success.txt"  # orbax writes it last, on every filesystem
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"  # a step directory orbax was still writing
+_PROBE = ".sdjax-write-check-"  # a file each process writes at start, to see the directory is writable
 
 
 class _DropReadOnlyNotice(std_logging.Filter):
@@ -170,10 +172,11 @@ def _restore_meta(manager: ocp.CheckpointManager, step: int) -> dict:
 
 
 def _check_writable(directory: epath.Path) -> None:
-    """Writes and deletes one small file in `directory` (created if missing), so that storage this process
-    cannot write to (a bucket that does not exist, no permission) stops the run before anything compiles,
-    not at its first save. Each process writes its own shards of every checkpoint: each one checks."""
-    probe = directory / f".sdjax-write-check-{jax.process_index()}"
+    """Writes one small file in `directory` (created if missing) per process, and with several processes checks
+    that each one sees all of them, so that storage a run cannot use stops it before anything compiles, not at
+    its first save: a bucket that does not exist, no permission, or a folder on one host's own disk where the
+    hosts of a pod need one they all share (orbax's multi-host commit would wait forever)."""
+    probe = directory / f"{_PROBE}{jax.process_index()}"
     try:
         if str(directory).startswith("gs://"):
             # gcsfs would create a missing bucket on mkdir: a typo in the name must fail, not make a bucket.
@@ -182,12 +185,23 @@ def _check_writable(directory: epath.Path) -> None:
                 raise FileNotFoundError(f"the bucket {bucket} does not exist (or this account cannot see it)")
         directory.mkdir(parents=True, exist_ok=True)
         probe.write_text("sdjax checks that checkpoints can be written here\n")
-        probe.unlink()
     except Exception as e:  # noqa: BLE001 -- OSError, gcsfs' HttpError, ...: all mean "cannot write here"
         raise CheckpointSaveError(
             f"Checkpoints cannot be written to {directory}: {_reason(e)}\nSet train.checkpoint_dir to storage "
             "this machine can write (on a pod: a gs:// bucket every host can write), or fix its permissions."
         ) from e
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("sdjax: checkpoint directory probes written")
+        seen = [(directory / f"{_PROBE}{i}").exists() for i in range(jax.process_count())]
+        seen_by = np.asarray(multihost_utils.process_allgather(np.asarray(seen)))  # [reader, writer]: on all
+        if not seen_by.all():
+            reader, writer = (int(i) for i in np.argwhere(~seen_by)[0])
+            raise CheckpointSaveError(
+                f"train.checkpoint_dir={str(directory)!r} is not shared by the processes of this run: process "
+                f"{reader} does not see the file process {writer} wrote there ({int((~seen_by).sum())} such pairs). "
+                "Every process writes its shards of each checkpoint into one directory: on a pod, a gs:// "
+                "bucket (the workdir may stay on each host's own disk).")
+    probe.unlink()
 
 
 def _reason(error: Exception) -> str:

@@ -4,7 +4,8 @@
   the process count and this process's index itself, so `jax.distributed.initialize()` gets no arguments.
 - Other clusters, and `launch/local.py`: the three values come from `--coordinator_address`,
   `--num_processes` and `--process_id`, the same on every process except the id.
-- Anywhere else: a single process; there is nothing to join.
+- Anywhere else: a single process; there is nothing to join. Except on a TPU host where JAX already runs
+  (a device was touched first): there it is an error, since on a pod each host would train alone.
 
 After this, `jax.devices()` lists every device of every process and one `Mesh` spans them all.
 """
@@ -53,6 +54,13 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     try:
         jax.distributed.initialize()  # detects Cloud TPU (GCE metadata), GKE, SLURM, Open MPI
     except (ValueError, RuntimeError) as e:
+        if _BACKEND_STARTED_MESSAGE in str(e) and jax.process_count() == 1 and jax.default_backend() == "tpu":
+            # On a TPU host this hides an ordering bug: each host of a pod would train alone, and without
+            # jax.distributed there is no preemption sync point either.
+            raise RuntimeError(
+                "JAX started on this TPU host before sdjax could join the other hosts (jax.distributed."
+                "initialize() must run before anything touches a device): run sdjax in a fresh process, or call "
+                "sdjax.distributed.initialize() first.") from e
         if _NO_CLUSTER_MESSAGE not in str(e) and _BACKEND_STARTED_MESSAGE not in str(e):
             raise
         return False

@@ -30,8 +30,12 @@ def image_grid(images: np.ndarray, columns: int) -> np.ndarray:
 
 
 def save_png(path: str, image: np.ndarray) -> None:
+    """Writes beside and renames: a reader (or another host writing the same file to a shared folder) never
+    sees half a PNG."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(image).save(path)
+    temporary = f"{path}.{os.getpid()}.tmp"
+    Image.fromarray(image).save(temporary, format="PNG")
+    os.replace(temporary, path)
 
 
 def save_images(folder: str, images: np.ndarray) -> list[str]:

@@ -152,21 +152,22 @@ class TrainingSamples:
 
 
 def sample_class_images(sampler: Sampler, params: dict, config: ml_collections.ConfigDict, batch_size: int,
-                        write: bool = True) -> list[str]:
+                        write: bool = True, first: int | None = None) -> list[str]:
     """DreamBooth prior preservation: samples the missing class images with `sampler` from `params`, `batch_size`
-    at a time, into the class folder as class_NNNNN.png (when `write`); returns their paths. The images are
-    numbered on from those present and seeded by that number, so an interrupted generation goes on with new
-    images."""
+    at a time, into the class folder as class_NNNNN.png (when `write`; a file already there is kept); returns
+    their paths. The images are numbered on from `first` (default: those present) and seeded by that number,
+    so an interrupted generation goes on with new images."""
     db, sample = config.dreambooth, config.sample
-    first = len(dreambooth.image_files(db.class_data_dir))
+    if first is None:
+        first = len(dreambooth.image_files(db.class_data_dir))
     paths = []
-    for start in range(first, first + dreambooth.missing_class_images(config), batch_size):
+    for start in range(first, db.num_class_images, batch_size):
         count = min(batch_size, db.num_class_images - start)
         images = sampler(params, [db.class_prompt] * count, sample.negative_prompt, seed=sample.seed + start,
                          guidance=sample.guidance)
         for offset, image in enumerate(images):
             path = os.path.join(db.class_data_dir, f"class_{start + offset:05d}.png")
-            if write:
+            if write and not os.path.exists(path):
                 save_png(path, image)
             paths.append(path)
     return paths

@@ -40,6 +40,7 @@ from sdjax import training_setup
 from sdjax import vae as vae_lib
 from sdjax import validation
 from sdjax.data import dreambooth as dreambooth_data
+from sdjax.data import files
 from sdjax.images import save_png
 from sdjax.metrics import MetricsWriter
 from sdjax.preemption import StopRequest
@@ -92,15 +93,20 @@ def compile_step_ahead(setup: training_setup.TrainingSetup, host_batch: dict, rn
 
 def total_over_processes(count: int) -> int:
     """`count` summed over all processes (a collective: every process calls it at the same steps)."""
+    return _over_processes(count, np.sum)
+
+
+def _over_processes(value: int, reduce) -> int:
     if jax.process_count() == 1:
-        return count
-    return int(np.sum(multihost_utils.process_allgather(np.int64(count))))
+        return value
+    return int(reduce(multihost_utils.process_allgather(np.int64(value))))
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+    """WORKDIR/config.json, written by every process: on a pod every host has its own disk and reads its own
+    copy back (the checkpoint location, the VAE stage's run); a shared workdir gets the same file, renamed
+    into place."""
+    files.write_bytes(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2).encode())
 
 
 SPEED_FILE = "speed.json"
@@ -124,18 +130,20 @@ def train_vae_stage(config: ml_collections.ConfigDict, workdir: str) -> TrainRes
 
 
 def generate_class_images(setup: training_setup.TrainingSetup, state: step_lib.TrainState) -> None:
-    """DreamBooth prior preservation: the missing class images, sampled from the state's (base) weights."""
+    """DreamBooth prior preservation: the missing class images, sampled from the state's (base) weights.
+
+    Every process samples the same images (the sampler is one program over all devices), from the first one
+    that some host lacks, and writes them into its own class folder: on a pod every host has its own disk and
+    reads its own copy (a shared folder gets each file renamed into place)."""
     config, mesh = setup.config, setup.mesh
-    missing = dreambooth_data.missing_class_images(config)
+    present = _over_processes(len(dreambooth_data.image_files(config.dreambooth.class_data_dir)), np.min)
     sampler = sample_lib.Sampler(setup.models, config, mesh, config.sample.scheduler, config.sample.steps)
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
     if jax.process_index() == 0:
-        tqdm.write(f"Sampling {missing} class images of {config.dreambooth.class_prompt!r} into "
-                   f"{config.dreambooth.class_data_dir}.")
-    # Every process samples (the sampler is one program over all devices); the first one writes the files.
+        tqdm.write(f"Sampling {config.dreambooth.num_class_images - present} class images of "
+                   f"{config.dreambooth.class_prompt!r} into {config.dreambooth.class_data_dir}.")
     paths = sample_lib.sample_class_images(
-        sampler, step_lib.inference_params(state, use_ema=False), config, batch_size=8 * data_parallel,
-        write=jax.process_index() == 0)
+        sampler, step_lib.inference_params(state, use_ema=False), config, batch_size=8 * data_parallel, first=present)
     multihost_utils.sync_global_devices("dreambooth class images")
     logging.info("wrote %d class images", len(paths))
 
@@ -170,7 +178,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, set_by_user: Collecti
     init_rng, step_rng = jax.random.split(jax.random.key(config.train.seed))
     checkpoints = checkpoint_lib.Checkpoints(checkpoint_lib.checkpoint_dir(config, workdir), config)
     # DreamBooth samples missing class images from the base model: then the input pipeline waits for the state.
-    class_images_missing = dreambooth_data.missing_class_images(config)
+    class_images_missing = _over_processes(dreambooth_data.missing_class_images(config), np.max)  # same on all
     resume_step = checkpoints.check_newest(setup.abstract_state)  # a checkpoint that does not fit fails here
     if not class_images_missing:
         dataset = data_lib.make_train_dataset(config, models.tokenizer, jax.process_index(), jax.process_count())

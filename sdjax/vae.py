@@ -46,6 +46,7 @@ from sdjax import mesh as mesh_lib
 from sdjax import models as models_lib
 from sdjax import step as step_lib
 from sdjax.config import ConfigError
+from sdjax.data import files
 from sdjax.images import image_grid, to_uint8
 from sdjax.models import discriminator as discriminator_lib
 
@@ -234,11 +235,10 @@ def compute_scaling_factor(models: models_lib.Models, config: ml_collections.Con
 
 
 def save_scaling_factor(workdir: str, stats: dict, step: int) -> str:
+    """WORKDIR/scaling_factor.json, the VAE run's last file, written by every process (the stats are the same
+    on all): on a pod each host reads its own copy back (`is_finished`, `use_trained_vae`)."""
     path = os.path.join(workdir, SCALING_FILE)
-    if jax.process_index() == 0:
-        with open(path, "w") as f:
-            json.dump({**stats, "step": step}, f, indent=2)
-            f.write("\n")
+    files.write_bytes(path, (json.dumps({**stats, "step": step}, indent=2) + "\n").encode())
     return path
 
 

@@ -71,7 +71,8 @@ def _two_processes_train_like_one(tmp_path, bucket):
     multi_dir, single_dir = tmp_path / "two_processes", tmp_path / "one_process"
     command = [sys.executable, os.path.join(ROOT, "launch", "local.py"), "-n", "2", "--devices_per_process", "4",
                "--", sys.executable, "-m", "sdjax.cli", "train", "--config", os.path.join(ROOT, "configs", "demo.py"),
-               "--workdir", str(multi_dir), *config_overrides(config, demo)]
+               # Each process its own workdir, as each host of a pod has its own disk: only the bucket is shared.
+               "--workdir", str(multi_dir / "host{process_id}"), *config_overrides(config, demo)]
     log_path = tmp_path / "two_processes.log"
     with open(log_path, "w") as log:
         # Started first, so that its start-up and compilation overlap the one-process run below.
@@ -87,8 +88,12 @@ def _two_processes_train_like_one(tmp_path, bucket):
     output = log_path.read_text()
     assert launcher.returncode == 0, f"the two-process run failed:\n{output[-5000:]}"
 
-    # Process 0 alone logs: one metrics line per step, one summary line.
-    multi_metrics = read_metrics(str(multi_dir))
+    # Process 0 alone logs: one metrics line per step, one summary line. Every process keeps its config.json.
+    multi_metrics = read_metrics(str(multi_dir / "host0"))
+    assert not os.path.exists(multi_dir / "host1" / "metrics.jsonl")
+    for host in ("host0", "host1"):
+        saved = json.loads((multi_dir / host / "config.json").read_text())
+        assert saved["train"]["checkpoint_dir"] == config.train.checkpoint_dir
     assert [m["step"] for m in multi_metrics] == list(range(1, NUM_STEPS + 1)), multi_metrics
     summaries = [line for line in output.splitlines() if line.startswith('{"step"')]
     assert len(summaries) == 1 and json.loads(summaries[0])["step"] == NUM_STEPS
@@ -108,6 +113,21 @@ def _two_processes_train_like_one(tmp_path, bucket):
                  restored.state.params, reference.state.params)
     sharded = [leaf for leaf in jax.tree.leaves(restored.state.params) if "fsdp" in leaf.sharding.spec]
     assert sharded, "the restored params should be split over this process's devices again"
+
+
+def test_a_checkpoint_dir_the_processes_do_not_share_is_refused_before_anything_compiles(tmp_path):
+    """The default checkpoint_dir (WORKDIR/checkpoints) with a workdir per host: the hosts would never commit
+    a checkpoint together; the run stops at start and says why."""
+    config, demo = _test_config()
+    command = [sys.executable, os.path.join(ROOT, "launch", "local.py"), "-n", "2", "--devices_per_process", "4",
+               "--", sys.executable, "-m", "sdjax.cli", "train", "--config", os.path.join(ROOT, "configs", "demo.py"),
+               "--workdir", str(tmp_path / "host{process_id}"), *config_overrides(config, demo)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "is not shared by the processes of this run: process 0 does not see the file process 1 wrote" in \
+        result.stderr, result.stderr[-3000:]
+    assert "on a pod, a gs:// bucket" in result.stderr
+    assert not os.path.exists(tmp_path / "host0" / "metrics.jsonl")
 
 
 # --- the launcher and the flags, without JAX ---------------------------------------------------------------
@@ -156,3 +176,11 @@ def test_launcher_forwards_sigterm(tmp_path):
 def test_incomplete_distributed_flags_are_named(flags, missing):
     with pytest.raises(distributed.DistributedFlagsError, match=missing):
         distributed.initialize(**flags)
+
+
+def test_a_tpu_host_where_jax_already_runs_is_an_error_not_a_single_process_run(monkeypatch):
+    jax.devices()  # JAX runs: jax.distributed.initialize() can no longer join anything
+    assert distributed.initialize() is False  # CPU: one process, nothing to join
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")  # the same call on a TPU host
+    with pytest.raises(RuntimeError, match="JAX started on this TPU host before sdjax could join the other hosts"):
+        distributed.initialize()
