@@ -189,6 +189,14 @@ def cache_latents(config: ml_collections.ConfigDict, out_dir: str, set_by_user: 
     counts = np.asarray([[written, skipped]])
     if process_count > 1:  # also the barrier: every shard is in place once every process has got here
         counts = np.asarray(multihost_utils.process_allgather(counts[0]))
+        # Every host reads records from every shard: the shards must be where all hosts see them.
+        seen = [files.exists(files.join(out_dir, shard_name(p, process_count))) for p in range(process_count)]
+        seen_by = np.asarray(multihost_utils.process_allgather(np.asarray(seen)))  # [reader, writer]
+        if not seen_by.all():
+            reader, writer = (int(i) for i in np.argwhere(~seen_by)[0])
+            raise DataError(f"--out={out_dir!r} is not shared by the processes of this run: process {reader} does "
+                            f"not see the shard process {writer} wrote there. Every host reads every shard when "
+                            "training: write the cache to a gs:// bucket (or a folder all hosts mount).")
     if process_index == 0:
         metadata = {"format": FORMAT_VERSION, "source": source_name(config), "text_states": text_states,
                     "settings": cache_settings(config, text_states), "models": identities,
