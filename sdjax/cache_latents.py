@@ -25,6 +25,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from sdjax import mesh as mesh_lib
 from sdjax import models as models_lib
 from sdjax import run_config
 from sdjax import step as step_lib
@@ -109,7 +110,7 @@ def _checked_models(config: ml_collections.ConfigDict, out_dir: str,
     if not config.model.pretrained:
         raise ConfigError("model.pretrained", "", "a latent cache needs a pretrained VAE (a local "
                                      "diffusers-format folder); a from-scratch VAE is not worth caching")
-    validation.validate(config, jax.device_count(), jax.process_count())
+    validation.validate(config, jax.device_count(), jax.process_count(), mesh_lib.device_slices(jax.devices()))
     config.data.latent_cache = ""  # this run reads the images
     models = models_lib.build_models(config)
     validation.validate_against_models(config, models)

@@ -115,13 +115,16 @@ def _plan(argv: list[str]) -> int:
     _define_config_flag(fv, argv)
     flags.DEFINE_string("topology", "v5e:2x2", "A TPU topology ('v5e:2x2', 'v5p:2x2x1', 'v4:2x2x1', 'v6e:2x2'), "
                         "'cpu:N' or 'local'.", flag_values=fv)
+    flags.DEFINE_integer("num_slices", 1, "Slices of --topology joined over the data-center network "
+                         "(multislice): mesh.data spans them, mesh.fsdp stays inside one.", lower_bound=1,
+                         flag_values=fv)
     flags.DEFINE_boolean("max_batch", False, "Search the largest per-device batch that fits.", flag_values=fv)
     flags.DEFINE_float("hbm_gib", None, "Plan against this many GiB per device instead of the chip's HBM (e.g. "
                        "to keep headroom).", flag_values=fv)
     flags.DEFINE_string("cache_dir", "~/.cache/sdjax/plan", "Where compile results are cached ('' disables).",
                         flag_values=fv)
     flags.mark_flags_as_required(["config"], flag_values=fv)
-    _parse(fv, [a.replace("--max-batch", "--max_batch") for a in argv])
+    _parse(fv, [a.replace("--max-batch", "--max_batch").replace("--num-slices", "--num_slices") for a in argv])
 
     from sdjax import plan as plan_lib
     from sdjax.config import ConfigError
@@ -131,14 +134,15 @@ def _plan(argv: list[str]) -> int:
     try:
         if fv.max_batch:
             best, plans = plan_lib.max_batch_per_device(
-                fv.config, fv.topology, cache_dir, capacity_bytes=capacity,
+                fv.config, fv.topology, cache_dir, capacity_bytes=capacity, num_slices=fv.num_slices,
                 progress=lambda message: print(f"sdjax plan: {message}", file=sys.stderr, flush=True))
             plans = sorted(plans, key=lambda p: p.batch_per_device)
             print(plan_lib.format_table(plans))
             print(f"\nlargest batch that fits: {best} per device "
-                  f"({best * plans[0].num_devices} global) on {fv.topology}")
+                  f"({best * plans[0].num_devices} global) on "
+                  f"{fv.topology if fv.num_slices == 1 else f'{fv.num_slices}x {fv.topology}'}")
         else:
-            plan = plan_lib.plan_step(fv.config, fv.topology, cache_dir)
+            plan = plan_lib.plan_step(fv.config, fv.topology, cache_dir, fv.num_slices)
             print(plan_lib.format_table([plan_lib.with_capacity(plan, capacity)]))
     except (ConfigError, ValueError) as e:
         sys.exit(f"sdjax plan: {e}")

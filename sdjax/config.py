@@ -186,6 +186,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1  # -1: every device not used by the other axes
     c.mesh.fsdp = 1
     c.mesh.fsdp_min_size = 2**14  # params with fewer elements stay replicated under FSDP
+    c.mesh.num_slices = 0  # TPU slices over DCN (multislice): 0 = the devices' slice count; data spans them
     return c
 
 

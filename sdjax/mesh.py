@@ -10,13 +10,22 @@ along their largest dimension that the fsdp axis divides (every such array of SD
 smaller ones, whose gather would cost more than they save, stay replicated. Room for a `tensor` (model
 parallel) axis: it would be a third MESH_AXES entry, kept out of BATCH_AXES, with a rule by parameter name
 (attention heads, MLP hidden) that claims one dimension before `fsdp_spec` picks among the others.
+
+Multislice (several TPU slices joined by the data-center network, DCN): the mesh is a hybrid one with the
+same axes. `data` is split over the slices first (each data index lies inside one slice), so the only
+collectives that cross DCN are the data-parallel gradient reductions; `fsdp`, whose gathers run in every
+layer, stays inside a slice on ICI. `mesh.num_slices` (0: as many as the devices' `slice_index` values)
+decides it; with one slice the mesh is `jax.make_mesh`'s, as without this.
 """
 
 from __future__ import annotations
 
+import collections
+
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from sdjax.config import ConfigError
@@ -49,13 +58,86 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str,
     return sizes
 
 
+def device_slices(devices) -> int:
+    """How many slices the devices are in: distinct `slice_index` values (1 for devices without one: CPU, GPU,
+    and JAX versions that do not set it)."""
+    return len({d.slice_index for d in devices if getattr(d, "slice_index", None) is not None}) or 1
+
+
+def resolve_num_slices(config: ml_collections.ConfigDict, present: int) -> int:
+    """`mesh.num_slices`, 0 resolved to the `present` slices of the devices."""
+    configured = config.mesh.get("num_slices", 0)
+    if not isinstance(configured, int) or configured < 0:
+        raise ConfigError("mesh.num_slices", configured, "expected 0 (as many as the devices' slices) or a "
+                                                         "positive number of slices")
+    return configured or present
+
+
+def slice_shapes(config: ml_collections.ConfigDict, num_devices: int,
+                 num_slices: int) -> tuple[dict[str, int], dict[str, int]]:
+    """(ICI, DCN) axis sizes: per slice, and across the `num_slices` slices (their products are the mesh's
+    sizes). `data` goes over the slices, every other axis stays inside one; raises ConfigError (naming
+    mesh.data or mesh.num_slices) when that cannot be."""
+    sizes = mesh_shape(config, num_devices)
+    if num_devices % num_slices:
+        raise ConfigError("mesh.num_slices", num_slices, f"the {num_devices} devices do not split evenly "
+                                                         f"into {num_slices} slices")
+    if sizes["data"] % num_slices:
+        raise ConfigError("mesh.data", config.mesh.data,
+                          f"the data axis spans the {num_slices} slices (mesh.num_slices) over DCN, and fsdp stays "
+                          f"inside a slice of {num_devices // num_slices} devices: mesh.data (here "
+                          f"{sizes['data']}, mesh.fsdp {sizes['fsdp']}) must be a multiple of {num_slices}")
+    dcn = {axis: num_slices if axis == "data" else 1 for axis in MESH_AXES}
+    return {axis: sizes[axis] // dcn[axis] for axis in MESH_AXES}, dcn
+
+
+def _slice_groups(devices, num_slices: int) -> tuple[str, list[list]]:
+    """The devices grouped by slice ("slice_index"), or by process where devices have no slice index (GPU
+    hosts, emulated CPU processes): the granules a hybrid mesh puts on DCN."""
+    has_slices = getattr(devices[0], "slice_index", None) is not None
+    attribute = "slice_index" if has_slices else "process_index"
+    groups = collections.defaultdict(list)
+    for device in devices:
+        groups[getattr(device, attribute)].append(device)
+    groups = [groups[key] for key in sorted(groups)]
+    if len(groups) != num_slices:
+        found = f"{len(groups)} slices" if has_slices else f"no slice index and {len(groups)} processes"
+        raise ConfigError("mesh.num_slices", num_slices, f"the {len(devices)} devices have {found}; set 0 (as "
+                                                         "many as the devices' slices) or that number")
+    if len({len(group) for group in groups}) > 1:
+        raise ConfigError("mesh.num_slices", num_slices, f"the slices hold unequal numbers of devices "
+                                                         f"({[len(group) for group in groups]})")
+    return attribute, groups
+
+
 def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
     devices = jax.devices() if devices is None else list(devices)
-    sizes = mesh_shape(config, len(devices))
-    shape = tuple(sizes[axis] for axis in MESH_AXES)
-    # jax.make_mesh orders devices by the physical topology (ICI rings on TPU) when it knows it.
+    present = device_slices(devices)
+    num_slices = resolve_num_slices(config, present)
     # Auto axes: shardings are given at the jit boundary and XLA propagates them inside the models.
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    if num_slices == 1 and present == 1:
+        sizes = mesh_shape(config, len(devices))
+        shape = tuple(sizes[axis] for axis in MESH_AXES)
+        # jax.make_mesh orders devices by the physical topology (ICI rings on TPU) when it knows it.
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    ici, dcn = slice_shapes(config, len(devices), num_slices)
+    attribute, _ = _slice_groups(devices, num_slices)
+    # Each slice's devices in ICI order (as jax.make_mesh orders one slice), the slices' blocks side by side
+    # along the DCN axes.
+    device_array = mesh_utils.create_hybrid_device_mesh(
+        [ici[axis] for axis in MESH_AXES], [dcn[axis] for axis in MESH_AXES], devices,
+        process_is_granule=attribute == "process_index")
+    return Mesh(device_array, MESH_AXES, axis_types=axis_types)
+
+
+def slice_of_devices(mesh: Mesh) -> np.ndarray:
+    """The slice (or, without slice indices, the process) of each mesh position: an int array of the mesh's
+    shape."""
+    def granule(device):
+        index = getattr(device, "slice_index", None)
+        return device.process_index if index is None else index
+    return np.vectorize(granule, otypes=[int])(mesh.devices)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -4,6 +4,9 @@ The real train step (same models, mesh, shardings and optimizer as `sdjax train`
 from `jax.ShapeDtypeStruct`s — no weights are materialised — for the target devices:
   * a TPU topology (`v5e:2x2`, `v5p:2x2x1`, ...) via libtpu's compiler, which runs on a CPU host;
   * `cpu:N` (N emulated CPU devices) or `local` (the devices present).
+With `num_slices` > 1, several slices of the TPU topology joined by the data-center network (multislice): the
+mesh is then the hybrid one `sdjax train` builds there (data over the slices, fsdp inside one; sdjax/mesh.py),
+and the plan counts the step's cross-slice (DCN) collectives in the compiled program.
 XLA's memory analysis gives per-device bytes; its cost analysis gives FLOPs and bytes accessed, which against
 the chip's peak bf16 FLOP/s and HBM bandwidth give a roofline step time.
 """
@@ -21,8 +24,10 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from sdjax import libtpu_host
+from sdjax import mesh as mesh_lib
 from sdjax import models as models_lib
 from sdjax import run_config
 from sdjax import training_setup
@@ -49,6 +54,10 @@ class Plan:
     images_per_s_per_device: float | None = None
     compile_s: float | None = None
     error: str | None = None
+    num_slices: int = 1
+    mesh: dict | None = None  # axis -> size
+    # Cross-slice collectives of the compiled step: kind ("all-reduce", ...) -> [count, bytes per device].
+    dcn_collectives: dict | None = None
 
 
 def _chip_name(topology: str) -> str | None:
@@ -56,11 +65,15 @@ def _chip_name(topology: str) -> str | None:
     return generation if generation in CHIPS and CHIPS[generation].platform == "tpu" else None
 
 
-def target_devices(topology: str) -> list:
-    """The devices to compile for: a TPU topology description, emulated CPU devices, or the local ones."""
+def target_devices(topology: str, num_slices: int = 1) -> list:
+    """The devices to compile for: a TPU topology description (`num_slices` slices of it), emulated CPU
+    devices, or the local ones."""
     # On a host with jax[tpu] but no TPU chip: the slice compiled for (any, for a CPU or local plan).
     generation = _chip_name(topology)
     libtpu_host.quiet_start_up(_accelerator_type(topology) if generation else libtpu_host.NO_TPU_ACCELERATOR_TYPE)
+    if num_slices < 1 or (num_slices > 1 and generation is None):
+        raise ValueError(f"--num_slices {num_slices}: expected 1, or several slices of a TPU topology "
+                         f"(not --topology {topology})")
     if topology == "local":
         return jax.devices()
     if topology.startswith("cpu:"):
@@ -81,7 +94,8 @@ def target_devices(topology: str) -> list:
     os.environ.setdefault("TPU_MIN_LOG_LEVEL", "3")
     from jax.experimental import topologies
     try:
-        return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
+        return list(topologies.get_topology_desc(platform="tpu", topology_name=topology,
+                                                 num_slices=num_slices).devices)
     except Exception as e:  # libtpu missing or a bad topology string
         raise ValueError(f"--topology {topology!r}: cannot get TPU devices ({e}). Install the TPU compiler with "
                          "pip install 'sdjax[tpu]'.") from None
@@ -100,26 +114,28 @@ def _num_chips(topology: str) -> int:
     return math.prod(int(d) for d in re.findall(r"\d+", topology.split(":")[1]))
 
 
-def _device_spec(topology: str, devices: list) -> ChipSpec | None:
+def _device_spec(topology: str, devices: list, num_slices: int = 1) -> ChipSpec | None:
     """Per-device figures: the chip's, divided among its cores when each core is its own device."""
     if topology == "local":
         return local_device_spec(devices[0])
     chip = _chip_name(topology)
     if chip is None:
         return None
-    per_chip = max(len(devices) // _num_chips(topology), 1)
+    per_chip = max(len(devices) // (_num_chips(topology) * num_slices), 1)
     spec = CHIPS[chip]
     return ChipSpec(spec.hbm_bytes / per_chip, spec.peak_bf16_flops / per_chip, spec.hbm_bytes_per_s / per_chip)
 
 
-def _cache_key(config: ml_collections.ConfigDict, topology: str) -> str:
-    text = json.dumps({"config": config.to_json_best_effort(sort_keys=True), "topology": topology,
-                       "jax": jax.__version__}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
+def _cache_key(config: ml_collections.ConfigDict, topology: str, num_slices: int = 1) -> str:
+    key = {"config": config.to_json_best_effort(sort_keys=True), "topology": topology, "jax": jax.__version__}
+    if num_slices > 1:  # one slice: the key of the plans cached before multislice
+        key["num_slices"] = num_slices
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _cache_path(config: ml_collections.ConfigDict, topology: str, cache_dir: str | None) -> str | None:
-    return os.path.join(cache_dir, _cache_key(config, topology) + ".json") if cache_dir else None
+def _cache_path(config: ml_collections.ConfigDict, topology: str, cache_dir: str | None,
+                num_slices: int = 1) -> str | None:
+    return os.path.join(cache_dir, _cache_key(config, topology, num_slices) + ".json") if cache_dir else None
 
 
 def _load(cache_path: str | None) -> Plan | None:
@@ -129,19 +145,22 @@ def _load(cache_path: str | None) -> Plan | None:
         return Plan(**json.load(f))
 
 
-def cached_plan(config: ml_collections.ConfigDict, topology: str, cache_dir: str | None) -> Plan | None:
+def cached_plan(config: ml_collections.ConfigDict, topology: str, cache_dir: str | None,
+                num_slices: int = 1) -> Plan | None:
     """The plan of this config on this topology if an earlier `plan_step` cached it (no compile)."""
-    return _load(_cache_path(config, topology, cache_dir))
+    return _load(_cache_path(config, topology, cache_dir, num_slices))
 
 
-def plan_step(config: ml_collections.ConfigDict, topology: str, cache_dir: str | None = None) -> Plan:
-    """Compiles the train step for `topology` at `config.train.batch_size` and reads XLA's analyses."""
-    devices = target_devices(topology)
+def plan_step(config: ml_collections.ConfigDict, topology: str, cache_dir: str | None = None,
+              num_slices: int = 1) -> Plan:
+    """Compiles the train step for `topology` (`num_slices` of it) at `config.train.batch_size` and reads
+    XLA's analyses."""
+    devices = target_devices(topology, num_slices)
     run_config.resolve(config)
-    validation.validate(config, len(devices))
+    validation.validate(config, len(devices), num_slices=mesh_lib.device_slices(devices))
     if cache_dir:
         os.makedirs(cache_dir, exist_ok=True)
-    cache_path = _cache_path(config, topology, cache_dir)
+    cache_path = _cache_path(config, topology, cache_dir, num_slices)
     cached = _load(cache_path)
     if cached is not None:
         return cached
@@ -149,10 +168,11 @@ def plan_step(config: ml_collections.ConfigDict, topology: str, cache_dir: str |
     models = models_lib.build_models(config)
     validation.validate_against_models(config, models)
     setup = training_setup.build(config, devices, models=models)
-    spec = _device_spec(topology, devices)
+    spec = _device_spec(topology, devices, num_slices)
     plan = Plan(topology=topology, num_devices=len(devices), global_batch=config.train.batch_size,
                 batch_per_device=config.train.batch_size // len(devices), fits=False,
-                capacity_bytes=spec.hbm_bytes if spec else None)
+                capacity_bytes=spec.hbm_bytes if spec else None, num_slices=num_slices,
+                mesh=dict(setup.mesh.shape))
     start = time.perf_counter()
     try:
         lowered, compiled = setup.compile(planned_batch(setup), jax.eval_shape(lambda: jax.random.key(0)))
@@ -174,6 +194,8 @@ def plan_step(config: ml_collections.ConfigDict, topology: str, cache_dir: str |
     # Donated state aliases its outputs: count those bytes once.
     plan.total_bytes = plan.argument_bytes + plan.output_bytes - plan.alias_bytes + plan.temp_bytes
     plan.fits = plan.capacity_bytes is None or plan.total_bytes <= plan.capacity_bytes
+    if num_slices > 1:
+        plan.dcn_collectives = dcn_collectives(compiled.as_text(), mesh_lib.slice_of_devices(setup.mesh).ravel())
 
     plan.flops_per_device, plan.bytes_accessed_per_device = executable_cost(lowered, compiled, devices)
     if spec and plan.flops_per_device:
@@ -207,6 +229,62 @@ def planned_batch(setup: training_setup.TrainingSetup) -> dict:
     return batch
 
 
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
+                "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16}
+_ARRAY = re.compile(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\]")
+_COLLECTIVE = re.compile(r"=\s*(.*?)\s(all-reduce|all-gather|reduce-scatter|all-to-all)(?:-start)?\(")
+# libtpu compiles a multislice program per slice: its cross-slice collectives are host transfers to the
+# megascale (DCN) runtime, a send and a recv each, named by the attributes below.
+_MEGASCALE_SEND = re.compile(r"=\s*\(?(.*?)\ssend\(.*_xla_megascale_transfer_type=\"(\w+)\"")
+
+
+def _array_bytes(shapes: str) -> int:
+    return sum(_DTYPE_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
+               for dtype, dims in _ARRAY.findall(shapes) if dtype in _DTYPE_BYTES)
+
+
+def _replica_groups(line: str) -> list[list[int]] | None:
+    """An HLO collective's replica groups: listed ({{0,1},{2,3}}) or as an iota ([2,2]<=[2,2]T(1,0))."""
+    listed = re.search(r"replica_groups=\{(\{[\d,{}]*\})\}", line)
+    if listed:
+        return [[int(i) for i in group.split(",") if i] for group in re.findall(r"\{([\d,]*)\}", listed.group(1))]
+    iota = re.search(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", line)
+    if not iota:
+        return None
+    shape, dims = [[int(d) for d in g.split(",")] for g in iota.groups()[:2]]
+    ids = np.arange(math.prod(dims)).reshape(dims)
+    if iota.group(3):
+        ids = ids.transpose([int(d) for d in iota.group(3).split(",")])
+    return ids.reshape(shape[0], -1).tolist()
+
+
+def dcn_collectives(hlo_text: str, slice_of_device: np.ndarray) -> dict[str, list[int]]:
+    """The collectives of a compiled program that cross slices: kind -> [count, bytes each device sends],
+    ("all-reduce", "all-gather", ...). Counted from libtpu's megascale transfers where it lowered them so,
+    else from collectives whose replica groups (global device ids, in the mesh's device order:
+    `slice_of_device[i]` is device i's slice) hold devices of several slices."""
+    found: dict[str, list[int]] = {}
+
+    def add(kind: str, nbytes: int) -> None:
+        entry = found.setdefault(kind, [0, 0])
+        entry[0] += 1
+        entry[1] += nbytes
+
+    for line in hlo_text.splitlines():
+        send = _MEGASCALE_SEND.search(line) if "_xla_megascale_transfer_type" in line else None
+        if send:
+            # (the payload, a u32 context, a token): the payload's bytes
+            payload = _ARRAY.search(send.group(1))
+            add(send.group(2).lower().replace("_", "-"), _array_bytes(payload.group(0)) if payload else 0)
+            continue
+        collective = _COLLECTIVE.search(line)
+        if collective:
+            groups = _replica_groups(line)
+            if groups and any(len({int(slice_of_device[i]) for i in group}) > 1 for group in groups):
+                add(collective.group(2), _array_bytes(collective.group(1)))
+    return found
+
+
 def _save(plan: Plan, cache_path: str | None) -> None:
     if cache_path:
         with open(cache_path, "w") as f:
@@ -215,7 +293,7 @@ def _save(plan: Plan, cache_path: str | None) -> None:
 
 def max_batch_per_device(config: ml_collections.ConfigDict, topology: str, cache_dir: str | None,
                          limit: int = 256, capacity_bytes: float | None = None,
-                         progress=None) -> tuple[int, list[Plan]]:
+                         progress=None, num_slices: int = 1) -> tuple[int, list[Plan]]:
     """The largest per-device batch whose step fits the device's HBM (or `capacity_bytes`, e.g. to leave
     headroom); returns it and every plan compiled (or read from the cache) on the way.
 
@@ -234,7 +312,8 @@ def max_batch_per_device(config: ml_collections.ConfigDict, topology: str, cache
     fits is enough to start from N: the line then runs from the step's fixed bytes at batch 0 (its
     arguments and outputs, less the donated ones) through N. `progress(message)`, if given, hears of each
     compile as it starts and ends (a real model's search runs for hours)."""
-    num_devices = len(target_devices(topology))
+    num_devices = len(target_devices(topology, num_slices))
+    slices = {"num_slices": num_slices} if num_slices > 1 else {}
     tried: list[Plan] = []
     totals: dict[int, int] = {}  # per-device batch -> total bytes, of the compiles that have one
 
@@ -260,7 +339,7 @@ def max_batch_per_device(config: ml_collections.ConfigDict, topology: str, cache
     fitting: list[int] = []
     refused: list[int] = []
     for per_device in range(1, limit + 1):
-        cached = cached_plan(with_batch(per_device), topology, cache_dir)
+        cached = cached_plan(with_batch(per_device), topology, cache_dir, num_slices)
         if cached is not None:
             (fitting if record(cached) else refused).append(per_device)
     # The largest batch known to fit, the smallest above it known not to (or past the limit).
@@ -286,7 +365,7 @@ def max_batch_per_device(config: ml_collections.ConfigDict, topology: str, cache
         if progress:
             progress(f"compiling {probe} per device (largest that fits so far: {low or 'none'}; smallest "
                      f"refused: {high if high <= limit else 'none'})")
-        fits = record(plan_step(with_batch(probe), topology, cache_dir))
+        fits = record(plan_step(with_batch(probe), topology, cache_dir, **slices))
         if progress:
             plan = tried[-1]
             memory = "" if plan.total_bytes is None else f", {plan.total_bytes / GiB:.2f} GiB"
@@ -319,7 +398,8 @@ def _row(plan: Plan) -> list[str]:
     def gib(value):
         return fmt(None if value is None else value / GiB, ".2f")
 
-    return [plan.topology, str(plan.batch_per_device), gib(plan.argument_bytes), gib(plan.output_bytes),
+    topology = plan.topology if plan.num_slices == 1 else f"{plan.num_slices}x {plan.topology}"
+    return [topology, str(plan.batch_per_device), gib(plan.argument_bytes), gib(plan.output_bytes),
             gib(plan.temp_bytes), gib(plan.total_bytes), gib(plan.capacity_bytes),
             "yes" if plan.fits else "NO: does not fit",
             fmt(None if plan.flops_per_device is None else plan.flops_per_device / 1e12, ".3f"),
@@ -331,4 +411,19 @@ def format_table(plans: list[Plan]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_row(p)) + " |" for p in plans]
     lines += [f"\n{p.topology} batch/dev {p.batch_per_device}: {p.error}" for p in plans if p.error]
+    lines += [f"\n{multislice_summary(p)}" for p in plans if p.num_slices > 1]
     return "\n".join(lines)
+
+
+def multislice_summary(plan: Plan) -> str:
+    """The slices, the mesh over them and the step's cross-slice (DCN) collectives, in a line."""
+    per_slice = plan.num_devices // plan.num_slices
+    mesh = plan.mesh or {}
+    text = (f"{plan.num_slices}x {plan.topology} batch/dev {plan.batch_per_device}: {plan.num_slices} slices x "
+            f"{per_slice} devices; mesh data={mesh.get('data', '?')} ({plan.num_slices} over DCN x "
+            f"{mesh.get('data', 0) // plan.num_slices} per slice), fsdp={mesh.get('fsdp', '?')} inside each slice")
+    if plan.dcn_collectives is None:
+        return text + "; no compiled step to count its DCN collectives"
+    kinds = ", ".join(f"{count} {kind} ({nbytes / 2**20:.2f} MiB)"
+                      for kind, (count, nbytes) in sorted(plan.dcn_collectives.items()))
+    return text + f"; cross-slice (DCN) collectives per step and device: {kinds or 'none'}"

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from sdjax import checkpoint as checkpoint_lib
 from sdjax import data as data_lib
+from sdjax import mesh as mesh_lib
 from sdjax import models as models_lib
 from sdjax import roofline
 from sdjax import run_config
@@ -161,7 +162,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, set_by_user: Collecti
         logging.info("%s", notice)
         if is_main:
             tqdm.write(notice)
-    validation.validate(config, jax.device_count(), jax.process_count())
+    validation.validate(config, jax.device_count(), jax.process_count(), mesh_lib.device_slices(jax.devices()))
     vae_result = train_vae_stage(config, workdir)
     if vae_result and vae_result.interrupted:
         return vae_result  # the same command resumes the VAE stage, then runs this one

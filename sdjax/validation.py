@@ -21,7 +21,7 @@ from sdjax.config import (ATTENTIONS, BETA_SCHEDULES, DECAYS, OPTIMIZERS, PRECIS
 from sdjax.data.records import MAX_BAD_FRACTION
 from sdjax.data.shapes import scene_from_caption
 from sdjax.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS
-from sdjax.mesh import mesh_shape
+from sdjax.mesh import resolve_num_slices, slice_shapes
 from sdjax.models.discriminator import smallest_image_size
 from sdjax.models.lpips import LPIPSWeightsError, read_widths
 
@@ -34,8 +34,10 @@ def _choice(config, key: str, options) -> None:
         raise ConfigError(key, value, f"expected one of {list(options)}")
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int, process_count: int = 1) -> None:
-    """Raises ConfigError for the first value that would fail later; cheap, nothing is built or compiled."""
+def validate(config: ml_collections.ConfigDict, num_devices: int, process_count: int = 1,
+             num_slices: int = 1) -> None:
+    """Raises ConfigError for the first value that would fail later; cheap, nothing is built or compiled.
+    `num_slices`: the slices the devices are in (mesh.device_slices; mesh.num_slices=0 stands for it)."""
     _choice(config, "train.precision", PRECISIONS)
     _choice(config, "diffusion.prediction_type", PREDICTION_TYPES)
     _choice(config, "diffusion.beta_schedule", BETA_SCHEDULES)
@@ -84,7 +86,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
                           f"train.eval_every needs at least one global batch (train.batch_size="
                           f"{config.train.batch_size}) of eval examples")
 
-    sizes = mesh_shape(config, num_devices)
+    # The mesh: its axes tile the devices, and with several slices data spans them and fsdp fits in one.
+    ici, dcn = slice_shapes(config, num_devices, resolve_num_slices(config, num_slices))
+    sizes = {axis: ici[axis] * dcn[axis] for axis in ici}
     data_parallel = sizes["data"] * sizes["fsdp"]
     if config.train.batch_size % data_parallel:
         raise ConfigError("train.batch_size", config.train.batch_size,
