@@ -71,39 +71,13 @@ def write_shards(folder, num: int, per_shard: int) -> list[str]:
     return paths
 
 
-def write_tfds(data_dir, num: int) -> str:
-    """A prepared TFDS dataset `tiny_captions` (array_record) with coco_captions' features: image + captions/text."""
+def write_tfds(data_dir, num: int, register: bool = True) -> str:
+    """A prepared TFDS dataset `tiny_captions` (array_record) with coco_captions' features: image + captions/text.
+    `register=False`: without registering its builder (TFDS registers a name once per process and test files
+    share worker processes; TFDS reads an unregistered dataset from its data_dir alone)."""
     import tensorflow_datasets as tfds
 
-    class TinyCaptions(tfds.core.GeneratorBasedBuilder):
-        VERSION = tfds.core.Version("1.0.0")
-
-        def _info(self):
-            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(None, None, 3)),
-                "captions": tfds.features.Sequence({"text": tfds.features.Text()}),
-            }))
-
-        def _split_generators(self, dl_manager):
-            return {"train": self._generate_examples()}
-
-        def _generate_examples(self):
-            for i in range(num):
-                yield i, {"image": image_bytes(i, fmt="PNG"),
-                          "captions": {"text": [caption(i), f"{caption(i)} again"]}}
-
-    TinyCaptions(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
-    return "tiny_captions"
-
-
-
-def prepare_tfds(data_dir, num: int) -> str:
-    """write_tfds's dataset, without registering its builder: TFDS registers a name once per process and test
-    files share worker processes, so this one can run before or after write_tfds. (TFDS reads an unregistered
-    dataset from its data_dir alone.)"""
-    import tensorflow_datasets as tfds
-
-    class TinyCaptions(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    class TinyCaptions(tfds.core.GeneratorBasedBuilder, skip_registration=not register):
         VERSION = tfds.core.Version("1.0.0")
 
         def _info(self):

@@ -11,7 +11,7 @@ import fsspec
 import numpy as np
 import pytest
 
-from data_fixtures import image_bytes, prepare_tfds, write_imagefolder, write_shards
+from data_fixtures import image_bytes, write_imagefolder, write_shards, write_tfds
 from gcs_server import GcsServer
 from sdjax import data as data_lib
 from sdjax.data import sources, webdataset
@@ -199,7 +199,7 @@ def test_tfds_dataset_in_a_bucket_reads_the_local_records(server, tmp_path, monk
     pytest.importorskip("tensorflow_datasets", reason="the tfds extra is not installed")
     # array_record's reader has its own GCS client (google-cloud-cpp), pointed at the server by this variable.
     monkeypatch.setenv("CLOUD_STORAGE_EMULATOR_ENDPOINT", server.url)
-    name = prepare_tfds(tmp_path, 4)
+    name = write_tfds(tmp_path, 4, register=False)
     remote = _upload(tmp_path, "tfds")
     local_records, remote_records = (
         data_lib.make_source(_config("tfds", name, tfds_data_dir=str(d), caption_column="captions/text"))

@@ -272,7 +272,7 @@ def test_tpu_vm_stop_resume_with_the_real_trainer(cloud, tmp_path):
     c = cloud(1)
     bucket = tmp_path / "bucket" / "checkpoints"
     env = {"TPU_NAME": "sdjax-test", "ZONE": "us-west4-a", "PROJECT": "my-project", "CHECKPOINT_DIR": str(bucket),
-           "VENV_COMMAND": f"ln -s {ROOT}/.venv .venv", "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE_FLAGS,
+           "VENV_COMMAND": f"ln -s {sys.prefix} .venv", "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE_FLAGS,
            "STOP_TIMEOUT": "120", "LIBTPU_LOCKFILE": "$HOME/libtpu_lockfile"}
     overrides = ["--config.data.resolution=16", "--config.data.demo_num_examples=64", "--config.train.batch_size=8",
                  "--config.model.vae_config=", "--config.train.steps=100000", "--config.train.sample_every=0",
