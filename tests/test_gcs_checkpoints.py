@@ -208,8 +208,8 @@ def test_sigterm_and_a_failed_save_keep_the_last_checkpoint_and_the_same_command
     assert step == saved_step and config.train.steps == 100_000
 
     # The resumed run's first save is refused (the service account lost its permission mid-run): the run stops
-    # at once (orbax alone would report it at the next save, 50 steps later), naming the step, path and cause.
-    every, steps = 50, saved_step + 60
+    # at once (orbax alone would report it at the next save, 20 steps later), naming the step, path and cause.
+    every, steps = 20, saved_step + 25
     first_save = (saved_step // every + 1) * every
     outage.fail(lambda method, url: method in ("POST", "PUT") and re.search(r"sigterm/(\d+)/", url) is not None)
     process = _sdjax_train(workdir, checkpoint_dir, cache, steps=steps, checkpoint_every=every)
