@@ -273,7 +273,9 @@ class Checkpoints:
             except (OSError, ValueError) as e:
                 failures.append(self._skip(where, e))
                 continue
-            changes = config_changes(meta["config"], config_to_dict(self._config))
+            # Process 0 wrote the saved config: the others' paths with a `{process_id}` in them (per-host
+            # folders) would differ from it on every resume.
+            changes = config_changes(meta["config"], config_to_dict(self._config)) if jax.process_index() == 0 else []
             if changes:
                 logging.warning("Resuming %s with a changed config:\n  %s", where, "\n  ".join(changes))
             rng = jax.random.wrap_key_data(np.asarray(meta["rng_key_data"], np.uint32), impl=meta["rng_impl"])

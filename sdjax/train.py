@@ -120,7 +120,10 @@ def train_vae_stage(config: ml_collections.ConfigDict, workdir: str) -> TrainRes
         return None
     vae_workdir = config.model.vae_from or os.path.join(workdir, "vae")
     result = None
-    if not vae_lib.is_finished(vae_workdir):
+    # Agreed over the processes: a host whose disk was replaced (a recreated VM) lacks the finished stage's
+    # files that the others keep; then every host runs the stage, which resumes from its last checkpoint in the
+    # shared checkpoint_dir, trains no step and writes the files again.
+    if not _over_processes(int(vae_lib.is_finished(vae_workdir)), np.min):
         if jax.process_index() == 0:
             tqdm.write(f"VAE stage ({config.model.vae_config}) in {vae_workdir}:")
         result = train(vae_lib.vae_stage_config(config), vae_workdir)
