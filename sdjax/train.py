@@ -186,7 +186,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, set_by_user: Collecti
     resume_step = checkpoints.check_newest(setup.abstract_state)  # a checkpoint that does not fit fails here
     if not class_images_missing:
         dataset = data_lib.make_train_dataset(config, models.tokenizer, jax.process_index(), jax.process_count())
-        step_cost = compile_step_ahead(setup, dataset[resume_step], step_rng)
+        # A finished run trains no step, nothing to compile (e.g. the VAE stage run again for a replaced host).
+        step_cost = compile_step_ahead(setup, dataset[resume_step], step_rng) if resume_step < config.train.steps \
+            else None
 
     # --- sharded state: resumed from the newest complete checkpoint, else created -------------------
     restored = checkpoints.restore_latest(lambda: setup.abstract_state)
