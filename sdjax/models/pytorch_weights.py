@@ -3,7 +3,7 @@
 diffusers 0.39's Flax `from_pretrained(from_pt=True)` only reads `diffusion_pytorch_model.bin`, needs torch,
 and first initialises a full random copy of the model. Hub folders ship `.safetensors` (often fp16, sometimes
 sharded), so we read those directly and rename into the param *shapes* from `jax.eval_shape`: no torch, and
-no second copy of an 860M-param UNet in memory. The key renaming itself is diffusers' own.
+no second copy of an 860M-param UNet in memory. The key renaming is sdjax/models/weight_names.py.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import numpy as np
 from flax import serialization
 from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors import safe_open
+
+from sdjax.models import weight_names
 
 _DIFFUSERS_WEIGHT_FILES = (
     "diffusion_pytorch_model.safetensors",
@@ -71,22 +73,13 @@ def _read_weight_files(folder: str, candidates: tuple[str, ...]) -> dict[str, np
     raise ValueError(f"No weights in {folder}: expected one of {list(candidates)}, found {found}.")
 
 
-def _diffusers_rename(pt_key: str, tensor: np.ndarray, expected: dict):
-    from diffusers.models.modeling_flax_pytorch_utils import rename_key, rename_key_and_reshape_tensor
-    return rename_key_and_reshape_tensor(tuple(rename_key(pt_key).split(".")), tensor, expected)
-
-
-def _transformers_rename(pt_key: str, tensor: np.ndarray, expected: dict):
-    from transformers.modeling_flax_pytorch_utils import rename_key_and_reshape_tensor
-    return rename_key_and_reshape_tensor(tuple(pt_key.split(".")), tensor, expected, "text_model")
-
-
-def pytorch_to_flax(state: dict[str, np.ndarray], shapes, where: str, rename=_diffusers_rename):
+def pytorch_to_flax(state: dict[str, np.ndarray], shapes, where: str,
+                    rename=weight_names.flax_name_and_layout_diffusers):
     """Renames/transposes a PyTorch state dict into the Flax param tree described by `shapes`."""
     expected = flatten_dict(shapes)
     flat = {}
     for pt_key, tensor in state.items():
-        if pt_key.endswith("position_ids"):  # a buffer, not a weight
+        if weight_names.is_pytorch_buffer(pt_key):
             continue
         key, value = rename(pt_key, tensor, expected)
         flat[key] = value
@@ -124,4 +117,4 @@ def load_clip_text_weights(folder: str, shapes):
     if os.path.isfile(flax_file):
         return load_flax_msgpack(flax_file, shapes)
     state = _read_weight_files(folder, _TRANSFORMERS_WEIGHT_FILES)
-    return pytorch_to_flax(state, shapes, folder, rename=_transformers_rename)
+    return pytorch_to_flax(state, shapes, folder, rename=weight_names.flax_name_and_layout_transformers)
