@@ -89,7 +89,7 @@ def flax_example_runner(config, batch: dict):
 
     models = models_lib.build_models(config)
     params = models_lib.init_params(models, config, jax.random.key(0))
-    noise_scheduler, noise_scheduler_state = noise_lib.make_noise_scheduler(config)
+    noise_schedule = noise_lib.make_noise_schedule(config)
     tx = optax.chain(optax.clip_by_global_norm(1.0),
                      optax.adamw(1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2))
     state = train_state.TrainState.create(apply_fn=models.unet.__call__, params=params["unet"], tx=tx)
@@ -106,7 +106,7 @@ def flax_example_runner(config, batch: dict):
             noise_rng, timestep_rng = jax.random.split(sample_rng)
             noise = jax.random.normal(noise_rng, latents.shape)
             timesteps = jax.random.randint(timestep_rng, (latents.shape[0],), 0, 1000)
-            noisy_latents = noise_scheduler.add_noise(noise_scheduler_state, latents, noise, timesteps)
+            noisy_latents = noise_lib.add_noise(noise_schedule, latents, noise, timesteps)
             encoder_hidden_states = models_lib.encode_text(models, text_encoder_params, batch["input_ids"])
             model_pred = models.unet.apply({"params": params}, noisy_latents, timesteps, encoder_hidden_states,
                                            train=True).sample

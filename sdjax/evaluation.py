@@ -34,7 +34,7 @@ def fixed_timesteps(first_example: jax.Array, batch_size: int, num_examples: int
 def batch_loss(models: models_lib.Models, config: ml_collections.ConfigDict, num_examples: int, params: dict,
                batch: dict, batch_index: jax.Array) -> jax.Array:
     """Mean squared error of one eval batch, with the training loss's target, at fixed timesteps and noise."""
-    scheduler, scheduler_state = noise_lib.make_noise_scheduler(config)
+    schedule = noise_lib.make_noise_schedule(config)
     batch_size = batch["input_ids"].shape[0]
     latent_key, noise_key = jax.random.split(jax.random.fold_in(jax.random.key(EVAL_SEED), batch_index))
     latents = models_lib.encode_images(models, params["vae"], batch["pixel_values"], latent_key).astype(jnp.float32)
@@ -42,9 +42,8 @@ def batch_loss(models: models_lib.Models, config: ml_collections.ConfigDict, num
     noise = jax.random.normal(noise_key, latents.shape, jnp.float32)
     timesteps = fixed_timesteps(batch_index * batch_size, batch_size, num_examples,
                                 config.diffusion.num_train_timesteps)
-    noisy_latents = noise_lib.add_noise(scheduler, scheduler_state, latents, noise, timesteps)
-    target = noise_lib.training_target(scheduler, scheduler_state, latents, noise, timesteps,
-                                       config.diffusion.prediction_type)
+    noisy_latents = noise_lib.add_noise(schedule, latents, noise, timesteps)
+    target = noise_lib.training_target(schedule, latents, noise, timesteps, config.diffusion.prediction_type)
     prediction = models_lib.predict_noise(models, params["unet"], noisy_latents, timesteps, **conditioning)
     return jnp.mean(jnp.square(prediction.astype(jnp.float32) - target))
 

@@ -29,6 +29,7 @@ from sdjax import models as models_lib
 from sdjax.config import base_config
 from sdjax.data import dreambooth
 from sdjax.images import image_grid, save_images, save_png, to_uint8
+from sdjax.models import noise as noise_lib
 from sdjax.models import schedulers as schedulers_lib
 
 
@@ -195,7 +196,7 @@ def load_for_sampling(workdir: str | None = None, step: int | None = None, pretr
         return config, params, step
     config = base_config()
     config.model.pretrained = pretrained
-    config.diffusion.update(schedulers_lib.diffusion_config_from_folder(pretrained))
+    config.diffusion.update(noise_lib.diffusion_config_from_folder(pretrained))
     models = models_lib.build_models(config)
     config.data.resolution = models.unet.sample_size * models.vae_scale_factor  # the size it was trained at
     return config, models_lib.load_pretrained_params(models, config), None

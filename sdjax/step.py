@@ -159,7 +159,7 @@ def make_example_losses(models: models_lib.Models, config: ml_collections.Config
     """(params, batch, example_rngs) -> the loss of each example [B]: the MSE of the UNet's prediction,
     weighted by Min-SNR-gamma when `loss.snr_gamma` > 0. Example i's VAE sample, noise and timestep are drawn
     from example_rngs[i] alone, so an example's loss does not depend on the batch it is in."""
-    scheduler, scheduler_state = noise_lib.make_noise_scheduler(config)
+    schedule = noise_lib.make_noise_schedule(config)
     prediction_type = config.diffusion.prediction_type
     num_timesteps = config.diffusion.num_train_timesteps
     loss = config.loss
@@ -181,13 +181,13 @@ def make_example_losses(models: models_lib.Models, config: ml_collections.Config
             noise_rngs, noise)
         timesteps = jax.vmap(lambda k: jax.random.randint(k, (), 0, num_timesteps))(time_rngs)
         latents = latents.astype(jnp.float32)
-        noisy_latents = noise_lib.add_noise(scheduler, scheduler_state, latents, input_noise, timesteps)
-        target = noise_lib.training_target(scheduler, scheduler_state, latents, noise, timesteps, prediction_type)
+        noisy_latents = noise_lib.add_noise(schedule, latents, input_noise, timesteps)
+        target = noise_lib.training_target(schedule, latents, noise, timesteps, prediction_type)
         with remat_lib.remat_unet_blocks(config.train.remat):
             prediction = models_lib.predict_noise(models, params["unet"], noisy_latents, timesteps, **conditioning)
         losses = jnp.mean(jnp.square(prediction.astype(jnp.float32) - target), axis=tuple(range(1, target.ndim)))
         if loss.snr_gamma:
-            losses = losses * noise_lib.min_snr_weights(scheduler_state, timesteps, loss.snr_gamma, prediction_type)
+            losses = losses * noise_lib.min_snr_weights(schedule, timesteps, loss.snr_gamma, prediction_type)
         return losses
 
     return example_losses

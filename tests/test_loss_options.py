@@ -28,7 +28,7 @@ def _snr_from_betas(config) -> np.ndarray:
 def test_min_snr_weights_equal_the_formula(tiny_config, prediction_type):
     gamma = 5.0
     tiny_config.diffusion.prediction_type = prediction_type
-    _, state = noise_lib.make_noise_scheduler(tiny_config)
+    state = noise_lib.make_noise_schedule(tiny_config)
     snr = _snr_from_betas(tiny_config)[TIMESTEPS]
     expected = np.minimum(snr, gamma) / (snr if prediction_type == "epsilon" else snr + 1.0)
     weights = np.asarray(noise_lib.min_snr_weights(state, jnp.asarray(TIMESTEPS), gamma, prediction_type))
@@ -51,7 +51,7 @@ def test_the_step_weights_each_example_by_min_snr_at_its_timestep(tiny_config):
     weighted = jax.jit(step_lib.make_example_losses(models, tiny_config))(params, batch, rngs)
     # The step draws example i's timestep from the third of the three keys split from rngs[i].
     timesteps = jax.vmap(lambda k: jax.random.randint(jax.random.split(k, 3)[2], (), 0, 1000))(rngs)
-    _, state = noise_lib.make_noise_scheduler(tiny_config)
+    state = noise_lib.make_noise_schedule(tiny_config)
     expected = np.asarray(plain) * np.asarray(noise_lib.min_snr_weights(state, timesteps, 2.0, "epsilon"))
     np.testing.assert_allclose(weighted, expected, rtol=1e-5)
     assert not np.allclose(weighted, plain)

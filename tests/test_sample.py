@@ -2,12 +2,10 @@
 
 import os
 
-import diffusers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from sdjax import cli
@@ -89,72 +87,7 @@ def test_one_guided_ddim_step_follows_the_formulas(tiny_config):
     np.testing.assert_allclose(prev, expected, rtol=1e-4, atol=1e-4)
 
 
-# --- schedulers: our traced loop against PyTorch diffusers ------------------------------------------
-
-_TORCH = {
-    "ddim": (diffusers.DDIMScheduler, dict(clip_sample=False, set_alpha_to_one=False, steps_offset=1)),
-    "pndm": (diffusers.PNDMScheduler, dict(skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)),
-    "lms": (diffusers.LMSDiscreteScheduler, dict(timestep_spacing="linspace")),
-    # diffusers' Flax DPM-Solver ends at timestep 0, which PyTorch calls final_sigmas_type="sigma_min".
-    "dpm": (diffusers.DPMSolverMultistepScheduler, dict(timestep_spacing="linspace", final_sigmas_type="sigma_min")),
-    "euler": (diffusers.EulerDiscreteScheduler, dict(timestep_spacing="linspace")),
-}
-
-
-def _fake_model(x, t):
-    """A deterministic stand-in for the UNet that depends on both the sample and the timestep."""
-    return 0.3 * x + 0.001 * t
-
-
-@pytest.mark.parametrize("name", sorted(_TORCH))
-def test_scheduler_loop_matches_pytorch_diffusers(tiny_config, name):
-    shape, num_steps = (2, 4, 4, 4), 10
-    x_T = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    schedule = schedulers_lib.make_sampling_scheduler(name, tiny_config, num_steps, shape)
-
-    @jax.jit
-    def run(x):
-        state = schedule.init_state()
-
-        def body(i, carry):
-            x, state = carry
-            eps = _fake_model(schedule.scale_model_input(state, x, i), schedule.timestep(state, i))
-            return schedule.step(state, eps, i, x, None)
-
-        return jax.lax.fori_loop(0, schedule.num_loop_steps(state), body,
-                                 (x * schedule.init_noise_sigma(state), state))[0]
-
-    d = tiny_config.diffusion
-    cls, kwargs = _TORCH[name]
-    reference = cls(num_train_timesteps=d.num_train_timesteps, beta_start=d.beta_start, beta_end=d.beta_end,
-                    beta_schedule=d.beta_schedule, prediction_type=d.prediction_type, **kwargs)
-    reference.set_timesteps(num_steps)
-    x = torch.from_numpy(x_T) * reference.init_noise_sigma
-    for t in reference.timesteps:
-        x = reference.step(_fake_model(reference.scale_model_input(x, t), t.float()), t, x).prev_sample
-    # float32 on both sides; the samples are O(10), so 1e-4 absolute is a relative 1e-5.
-    np.testing.assert_allclose(run(x_T), x.numpy(), rtol=0, atol=1e-4)
-
-
-def test_ddpm_step_matches_pytorch_diffusers_given_the_same_noise(tiny_config):
-    """Strided ancestral DDPM: our posterior mean and std with PyTorch's noise give PyTorch's step."""
-    shape, num_steps = (2, 4, 4, 4), 10
-    schedule = schedulers_lib.make_sampling_scheduler("ddpm", tiny_config, num_steps, shape)
-    state = schedule.init_state()
-    d = tiny_config.diffusion
-    reference = diffusers.DDPMScheduler(num_train_timesteps=d.num_train_timesteps, beta_start=d.beta_start,
-                                        beta_end=d.beta_end, beta_schedule=d.beta_schedule, clip_sample=False)
-    reference.set_timesteps(num_steps)
-    np.testing.assert_array_equal(np.asarray(state.timesteps), reference.timesteps.numpy())
-    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    for i, t in enumerate(reference.timesteps):
-        eps = _fake_model(x, float(t))
-        expected = reference.step(torch.from_numpy(eps), t, torch.from_numpy(x),
-                                  generator=torch.Generator().manual_seed(i)).prev_sample.numpy()
-        noise = torch.randn(shape, generator=torch.Generator().manual_seed(i)).numpy()
-        mean, std = schedule.posterior(state, jnp.asarray(eps), i, jnp.asarray(x))
-        np.testing.assert_allclose(mean + std * noise, expected, rtol=0, atol=1e-5)
-        x = expected
+# (Each scheduler's whole loop against PyTorch diffusers': tests/test_sampling_schedulers.py.)
 
 
 # --- sampling the tiny model ------------------------------------------------------------------------

@@ -1,6 +1,8 @@
-"""The sampling schedulers of sdjax/models/sampling_schedulers.py: their timesteps and whole denoising loops against
-diffusers' PyTorch schedulers (configured from Stable Diffusion's scheduler_config.json), and against the
-diffusers-Flax-based schedulers sdjax sampled with before (sdjax/models/schedulers.py)."""
+"""The sampling schedulers of sdjax/models/schedulers.py: their timesteps and whole denoising loops against
+diffusers' PyTorch schedulers (configured from Stable Diffusion's scheduler_config.json). (Against the
+diffusers-Flax-based schedulers sdjax sampled with before, when both existed: DDIM, PNDM, LMS, Euler and DDPM
+within 7.3e-7 relative over 10-step loops; DPM-Solver++ the same but for its last step, which now ends at
+sigma 0 as PyTorch's does.)"""
 
 import ast
 
@@ -12,9 +14,8 @@ import pytest
 import torch
 
 from sdjax.config import SCHEDULERS, base_config
-from sdjax.models import noise_schedule
-from sdjax.models import sampling_schedulers as schedulers_lib
-from sdjax.models import schedulers as flax_schedulers_lib
+from sdjax.models import noise as noise_lib
+from sdjax.models import schedulers as schedulers_lib
 
 # stable-diffusion-v1-5's scheduler/scheduler_config.json; a pipeline loads it into whichever scheduler it samples
 # with (`DDIMScheduler.from_config(pipe.scheduler.config)`), each class taking the keys it knows.
@@ -24,7 +25,7 @@ SD_SCHEDULER_CONFIG = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule"
 TORCH_SCHEDULERS = {"ddim": diffusers.DDIMScheduler, "pndm": diffusers.PNDMScheduler,
                     "lms": diffusers.LMSDiscreteScheduler, "dpm": diffusers.DPMSolverMultistepScheduler,
                     "euler": diffusers.EulerDiscreteScheduler, "ddpm": diffusers.DDPMScheduler}
-# sdjax's DDPM keeps the offset it always had (sampling_schedulers.STEPS_OFFSET).
+# sdjax's DDPM keeps the offset it always had (schedulers.STEPS_OFFSET).
 TORCH_OVERRIDES = {"ddpm": {"steps_offset": 0}}
 DETERMINISTIC = ("ddim", "pndm", "lms", "dpm", "euler")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -191,31 +192,6 @@ def test_ddpm_adds_no_noise_into_timestep_0():
 # --- against sdjax's diffusers-Flax-based schedulers ------------------------------------------------------
 
 
-@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
-@pytest.mark.parametrize("name", ["ddim", "pndm", "lms", "euler", "ddpm"])
-def test_denoising_loop_matches_the_flax_based_schedulers(name, prediction_type):
-    """Where sdjax's previous schedulers matched PyTorch: the same loop (DDPM: the same per-image noise)."""
-    config, x_T = diffusion_config(prediction_type), initial_noise()
-    image_keys = jax.random.split(jax.random.key(0), SHAPE[0])
-    ours = run_loop(schedulers_lib.make_sampling_scheduler, name, config, 10, x_T, image_keys)
-    before = run_loop(flax_schedulers_lib.make_sampling_scheduler, name, config, 10, x_T, image_keys)
-    assert relative_difference(ours, before) <= RELATIVE_TOLERANCE
-
-
-@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
-def test_dpm_differs_from_the_flax_based_one_only_in_its_last_step(prediction_type):
-    """The Flax DPM-Solver++ ended at timestep 0's noise level (final_sigmas_type="sigma_min"); ours at sigma 0,
-    as PyTorch's default does. Every step before the last is the same."""
-    config, x_T, num_steps = diffusion_config(prediction_type), initial_noise(), 10
-    ours = run_loop(schedulers_lib.make_sampling_scheduler, "dpm", config, num_steps, x_T, stop=num_steps - 1)
-    before = run_loop(flax_schedulers_lib.make_sampling_scheduler, "dpm", config, num_steps, x_T,
-                      stop=num_steps - 1)
-    assert relative_difference(ours, before) <= RELATIVE_TOLERANCE
-    ours_final = run_loop(schedulers_lib.make_sampling_scheduler, "dpm", config, num_steps, x_T)
-    before_final = run_loop(flax_schedulers_lib.make_sampling_scheduler, "dpm", config, num_steps, x_T)
-    assert relative_difference(ours_final, before_final) > 1e-3
-
-
 # --- arguments --------------------------------------------------------------------------------------------
 
 
@@ -233,7 +209,7 @@ def test_bad_arguments_are_refused(name, num_steps, message):
 # --- dependencies -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("module", [schedulers_lib, noise_schedule])
+@pytest.mark.parametrize("module", [schedulers_lib, noise_lib])
 def test_the_schedulers_import_nothing_from_diffusers_or_transformers(module):
     with open(module.__file__) as f:
         tree = ast.parse(f.read())
