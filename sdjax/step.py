@@ -27,7 +27,6 @@ from sdjax import lora as lora_lib
 from sdjax import mesh as mesh_lib
 from sdjax import models as models_lib
 from sdjax.models import noise as noise_lib
-from sdjax.models import remat as remat_lib
 
 TRAINABLE = ("unet",)
 
@@ -183,8 +182,7 @@ def make_example_losses(models: models_lib.Models, config: ml_collections.Config
         latents = latents.astype(jnp.float32)
         noisy_latents = noise_lib.add_noise(schedule, latents, input_noise, timesteps)
         target = noise_lib.training_target(schedule, latents, noise, timesteps, prediction_type)
-        with remat_lib.remat_unet_blocks(config.train.remat):
-            prediction = models_lib.predict_noise(models, params["unet"], noisy_latents, timesteps, **conditioning)
+        prediction = models_lib.predict_noise(models, params["unet"], noisy_latents, timesteps, **conditioning)
         losses = jnp.mean(jnp.square(prediction.astype(jnp.float32) - target), axis=tuple(range(1, target.ndim)))
         if loss.snr_gamma:
             losses = losses * noise_lib.min_snr_weights(schedule, timesteps, loss.snr_gamma, prediction_type)

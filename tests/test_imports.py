@@ -1,5 +1,5 @@
-"""`sdjax train` never imports PyTorch (sdjax/_torchless.py), though diffusers and tensorboardX would; a plain
-`import sdjax.models` leaves diffusers' PyTorch classes to the export."""
+"""`sdjax train` never imports PyTorch (sdjax/_torchless.py), though transformers and tensorboardX would; a plain
+`import sdjax.models` leaves transformers' PyTorch classes to the export; sdjax imports no diffusers at all."""
 
 import json
 import os
@@ -57,14 +57,13 @@ import sys
 from sdjax._torchless import import_without_torch
 import_without_torch()
 import torch  # hidden only while the libraries were imported
-from diffusers import UNet2DConditionModel
-print(torch.nn.Linear(2, 3).weight.shape[0], UNet2DConditionModel.__module__)
+print(torch.nn.Linear(2, 3).weight.shape[0], "diffusers" in sys.modules)
 """
-    plain = "import sdjax.models\nfrom diffusers import UNet2DConditionModel\nprint(UNet2DConditionModel.__module__)"
+    plain = "import sdjax.models\nfrom transformers import CLIPTextModel\nprint(CLIPTextModel.__module__)"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     hidden = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert hidden.returncode == 0, hidden.stderr[-3000:]
-    width, module = hidden.stdout.split()[-2:]
-    assert width == "3" and module == "diffusers.utils.dummy_pt_objects"  # diffusers took torch for absent
+    width, diffusers_imported = hidden.stdout.split()[-2:]
+    assert width == "3" and diffusers_imported == "False"
     run = subprocess.run([sys.executable, "-c", plain], env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0 and run.stdout.split()[-1].startswith("diffusers.models."), run.stderr[-3000:]
+    assert run.returncode == 0 and run.stdout.split()[-1].startswith("transformers.models."), run.stderr[-3000:]

@@ -17,8 +17,7 @@ from sdjax import models as models_lib
 from sdjax import step as step_lib
 from sdjax import training_setup
 from sdjax.config import ConfigError
-from sdjax.models import attention as attention_lib
-from sdjax.models import remat as remat_lib
+from sdjax.models import attention as attention_lib, unet_attention
 from sdjax.validation import validate
 
 
@@ -73,19 +72,20 @@ def test_grad_accumulation_gives_same_loss_and_update_as_whole_batch(setup, refe
 
 
 def test_remat_recomputes_inside_unet_blocks(tiny_config):
-    """The remat context really wraps the blocks: one remat per ResNet/Transformer block in the gradient."""
-    models = models_lib.build_models(tiny_config)
-    params = models_lib.param_shapes(models, tiny_config)["unet"]
+    """train.remat really wraps the blocks: one remat per ResNet/Transformer block in the gradient."""
+    params = models_lib.param_shapes(models_lib.build_models(tiny_config), tiny_config)["unet"]
     latents = jax.ShapeDtypeStruct((1, 4, 2, 2), jnp.float32)
-    context = jax.ShapeDtypeStruct((1, tiny_config.data.max_length, models.unet.cross_attention_dim), jnp.float32)
-
-    def loss(unet_params, latents, context, policy):
-        with remat_lib.remat_unet_blocks(policy):
-            return models_lib.predict_noise(models, unet_params, latents, jnp.ones((1,), jnp.int32), context).sum()
+    context = jax.ShapeDtypeStruct((1, tiny_config.data.max_length, tiny_config.model.unet.cross_attention_dim),
+                                   jnp.float32)
 
     def remat_count(policy):
-        grad = jax.grad(loss)
-        jaxpr = jax.make_jaxpr(grad, static_argnums=3)(params, latents, context, policy)  # traced, not compiled
+        tiny_config.train.remat = policy
+        models = models_lib.build_models(tiny_config)
+
+        def loss(unet_params, latents, context):
+            return models_lib.predict_noise(models, unet_params, latents, jnp.ones((1,), jnp.int32), context).sum()
+
+        jaxpr = jax.make_jaxpr(jax.grad(loss))(params, latents, context)  # traced, not compiled
         return str(jaxpr).count("remat")
 
     blocks = [name for block in params.values() if isinstance(block, dict) for name in block
@@ -146,7 +146,7 @@ def test_dot_product_kernel_runs_in_every_attention_layer(tiny_config, monkeypat
     layers = []
 
     def count_layers(next_fun, args, kwargs, context):
-        if context.method_name == "__call__" and isinstance(context.module, attention_lib.FlaxAttention):
+        if context.method_name == "__call__" and isinstance(context.module, unet_attention.Attention):
             layers.append(context.module.name)
         return next_fun(*args, **kwargs)
 
@@ -156,6 +156,7 @@ def test_dot_product_kernel_runs_in_every_attention_layer(tiny_config, monkeypat
         models = models_lib.build_models(tiny_config)
         params = models_lib.init_params(models, tiny_config, jax.random.key(0))["unet"]
         context = np.zeros((2, tiny_config.data.max_length, models.unet.cross_attention_dim), np.float32)
+        kernels.clear()  # the kernels the init above ran: only the forward pass below counts
         with nn.intercept_methods(count_layers):
             jax.eval_shape(lambda p: models_lib.predict_noise(models, p, latents, np.array([1, 2]), context), params)
         if attention == "default":

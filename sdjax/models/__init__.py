@@ -1,7 +1,10 @@
 """The three Stable Diffusion models, built from config or loaded from a local diffusers folder.
 
-This package is the only place that touches the Flax classes of diffusers and transformers (both
-deprecated upstream, see README): the rest of sdjax sees `Models` and plain parameter pytrees.
+The modules are sdjax's own Linen code (unet.py, autoencoder_kl.py, clip_text.py): diffusers 0.40 and
+transformers 5 removed their Flax models. Their parameter trees are those of diffusers' and transformers'
+former Flax classes, so runs and checkpoints made with those read unchanged; their numerics are those of the
+PyTorch classes, which the tests compare them with. The rest of sdjax sees `Models` and plain parameter
+pytrees.
 
 A `Models` holds the Flax *modules* (stateless, compute dtype baked in) and the tokenizer; parameters live
 apart from them, in float32, so the train step can treat them as data (shard, donate, checkpoint).
@@ -17,19 +20,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+from transformers import CLIPTextConfig, CLIPTokenizer
 
-from sdjax._deprecations import silence_flax_deprecation_notices
-
-silence_flax_deprecation_notices()  # before the imports: diffusers logs the notice in class bodies
-
-from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel, FlaxCLIPTextModelWithProjection  # noqa: E402
-
-from sdjax.models import attention as attention_lib, pytorch_weights  # noqa: E402
-from sdjax.models import discriminator as discriminator_lib, lpips as lpips_lib  # noqa: E402
-from sdjax.models.tokenizer import TokenizerPair, builtin_tokenizer  # noqa: E402
-
-silence_flax_deprecation_notices()  # and after: now on the loggers those imports created
+from sdjax.models import pytorch_weights
+from sdjax.models import discriminator as discriminator_lib, lpips as lpips_lib
+from sdjax.models.autoencoder_kl import AutoencoderKL
+from sdjax.models.clip_text import CLIPTextEncoder, CLIPTextEncoderWithProjection
+from sdjax.models.tokenizer import TokenizerPair, builtin_tokenizer
+from sdjax.models.unet import UNet2DConditionModel
 
 Params = Any
 COMPONENTS = ("unet", "vae", "text_encoder")
@@ -46,16 +44,15 @@ class PretrainedFolderError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Models:
-    unet: FlaxUNet2DConditionModel
-    vae: FlaxAutoencoderKL
-    text_encoder: Any  # transformers' FlaxCLIPTextModule (a linen module)
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextEncoder
     text_encoder_config: CLIPTextConfig
     tokenizer: CLIPTokenizer | TokenizerPair  # SDXL: both tokenizers as one (their ids side by side)
-    attention: str = "default"  # model.attention (sdjax/models/attention.py)
     discriminator: discriminator_lib.PatchDiscriminator | None = None  # vae_train.gan_weight > 0
     perceptual: lpips_lib.LPIPS | None = None  # vae_train.perceptual_weight > 0
-    # SDXL: the second text encoder, FlaxCLIPTextModelWithProjection's module (None in SD 1.x / 2.x)
-    text_encoder_2: Any = None
+    # SDXL: the second text encoder, with its projection (None in SD 1.x / 2.x)
+    text_encoder_2: CLIPTextEncoderWithProjection | None = None
     text_encoder_2_config: CLIPTextConfig | None = None
 
     @property
@@ -141,34 +138,34 @@ def text_encoder_config(values: ml_collections.ConfigDict, tokenizer: CLIPTokeni
 def build_models(config: ml_collections.ConfigDict) -> Models:
     """Builds the modules (no parameters) for `config.model`, from a pretrained folder when given."""
     dtype = compute_dtype(config.train.precision)
-    efficient_attention = config.model.attention == "memory_efficient"
+    # The UNet runs model.attention's kernel and rematerializes its blocks as train.remat says (remat only acts
+    # under a gradient: sampling with the same module recomputes nothing).
+    unet_options = dict(dtype=dtype, attention=config.model.attention, remat=config.train.remat)
     text_cfg_2 = None
     if config.model.pretrained:
         root = _pretrained_dir(config)
         unet_cfg = _read_json(os.path.join(root, "unet", "config.json"))
         vae_cfg = _read_json(os.path.join(root, "vae", "config.json"))
         text_cfg = CLIPTextConfig(**_read_json(os.path.join(root, "text_encoder", "config.json")))
-        unet = FlaxUNet2DConditionModel.from_config(
-            unet_cfg, dtype=dtype, use_memory_efficient_attention=efficient_attention)
-        vae = FlaxAutoencoderKL.from_config(vae_cfg, dtype=dtype)
+        unet = _from_folder_config(UNet2DConditionModel, unet_cfg, os.path.join(root, "unet", "config.json"),
+                                   **unet_options)
+        vae = _from_folder_config(AutoencoderKL, vae_cfg, os.path.join(root, "vae", "config.json"), dtype=dtype)
         tokenizer = _folder_tokenizer(root, "tokenizer")
         if has_second_text_encoder(config):
             text_cfg_2 = CLIPTextConfig(**_read_json(os.path.join(root, TEXT_ENCODER_2, "config.json")))
             tokenizer = TokenizerPair(tokenizer, _folder_tokenizer(root, "tokenizer_2"))
     else:
-        unet = FlaxUNet2DConditionModel(
-            **config.model.unet.to_dict(), dtype=dtype, use_memory_efficient_attention=efficient_attention)
-        vae = FlaxAutoencoderKL(**config.model.vae.to_dict(), dtype=dtype)
+        unet = UNet2DConditionModel(**config.model.unet.to_dict(), **unet_options)
+        vae = AutoencoderKL(**config.model.vae.to_dict(), dtype=dtype)
         tokenizer = builtin_tokenizer(config.data.max_length)
         text_cfg = text_encoder_config(config.model.text_encoder, tokenizer)
         if has_second_text_encoder(config):
             text_cfg_2 = text_encoder_config(config.model.text_encoder_2, tokenizer)
             tokenizer = TokenizerPair(tokenizer, tokenizer)
-    text_encoder = FlaxCLIPTextModel(text_cfg, dtype=dtype, _do_init=False).module
-    text_encoder_2 = None if text_cfg_2 is None else \
-        FlaxCLIPTextModelWithProjection(text_cfg_2, dtype=dtype, _do_init=False).module
+    text_encoder = CLIPTextEncoder(text_cfg, dtype=dtype)
+    text_encoder_2 = None if text_cfg_2 is None else CLIPTextEncoderWithProjection(text_cfg_2, dtype=dtype)
     return Models(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_config=text_cfg,
-                  tokenizer=tokenizer, attention=config.model.attention, text_encoder_2=text_encoder_2,
+                  tokenizer=tokenizer, text_encoder_2=text_encoder_2,
                   text_encoder_2_config=text_cfg_2, **vae_loss_networks(config, dtype))
 
 
@@ -187,12 +184,19 @@ def vae_loss_networks(config: ml_collections.ConfigDict, dtype) -> dict[str, Any
     return networks
 
 
+def _from_folder_config(cls, values: dict, path: str, **overrides):
+    """`cls.from_config` of a folder's config.json; a setting sdjax's module cannot compute names the file."""
+    try:
+        return cls.from_config(values, **overrides)
+    except ValueError as e:
+        raise PretrainedFolderError(f"{path}: {e}") from None
+
+
 def vae_config_from_folder(folder: str) -> dict:
-    """The FlaxAutoencoderKL kwargs in a diffusers VAE folder's config.json (keys the class has no field for,
-    such as diffusers' bookkeeping or PyTorch-only options, are left out)."""
-    fields = {f.name for f in dataclasses.fields(FlaxAutoencoderKL)} - {"dtype", "parent", "name"}
-    return {k: tuple(v) if isinstance(v, list) else v  # JSON lists: tuples in our configs
-            for k, v in _read_json(os.path.join(folder, "config.json")).items() if k in fields}
+    """The AutoencoderKL fields of a diffusers VAE folder's config.json (diffusers' bookkeeping keys left out;
+    a setting sdjax's VAE cannot compute is a PretrainedFolderError naming it)."""
+    path = os.path.join(folder, "config.json")
+    return _from_folder_config(AutoencoderKL, _read_json(path), path).config
 
 
 def load_vae_params_from_folder(models: Models, config: ml_collections.ConfigDict, folder: str) -> Params:
@@ -394,5 +398,4 @@ def predict_noise(models: Models, params: Params, noisy_latents, timesteps, cont
     if models.sdxl:
         added = {"text_embeds": text_embeds,
                  "time_ids": sdxl_time_ids(models, noisy_latents) if time_ids is None else time_ids}
-    with attention_lib.attention_kernel(models.attention):
-        return models.unet.apply({"params": params}, noisy_latents, timesteps, context, added).sample
+    return models.unet.apply({"params": params}, noisy_latents, timesteps, context, added).sample

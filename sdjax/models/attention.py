@@ -5,8 +5,10 @@
   `default` elsewhere (TPU; smaller scores; several emulated CPU devices, where 8 devices' loops over heads
   on 2 cores ran 3x slower than materialised scores). Chosen when the step is lowered for its
   devices (`jax.lax.platform_dependent`), so `sdjax plan` on a CPU host gets the TPU choice for a TPU topology.
-- `default`: diffusers' Flax attention as written (scores materialised whole, softmax in the compute dtype).
-- `memory_efficient`: diffusers' chunked attention (`use_memory_efficient_attention`): the scores are never
+- `default`: attention as written (scores materialised whole, softmax in the compute dtype), as diffusers'
+  Flax attention computed it.
+- `memory_efficient`: chunked attention (diffusers' `use_memory_efficient_attention`; ours in
+  unet_attention.py): the scores are never
   materialised whole, at the price of a sequential loop over chunks.
 - `dot_product`: `jax.nn.dot_product_attention`, which on GPU runs cuDNN's fused flash attention where cuDNN
   takes the shapes (bf16/fp16, head dim a multiple of 8 up to 128, even sequence lengths for training: the
@@ -20,23 +22,17 @@
   head on a 2-core CPU (XLA's kernel behind `jax.nn.dot_product_attention`: 1306 ms); see
   docs/benchmarks.md. On accelerators a sequential loop over heads is slow.
 
-diffusers' `FlaxAttention` has no switch for other kernels, so a Flax method interceptor replaces its
-`__call__` with one that runs the module's own projections (`to_q`, `to_k`, `to_v`, `to_out_0`) around the
-chosen kernel. The parameter tree is unchanged.
+The UNet's attention layers (sdjax/models/unet_attention.py) take the kernel by name; the parameters are the
+same whichever runs.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from diffusers.models.attention_flax import FlaxAttention
-
-KERNELS = ("auto", "default", "memory_efficient", "dot_product", "per_head")
-
 
 def fused_attention_kernel(query: jax.Array, key: jax.Array) -> str:
     """cuDNN's flash attention where it takes the shapes (checked on jax 0.11.2 / H200: an odd key length,
@@ -161,36 +157,68 @@ def auto_kernel(query, key, value, scale):
     return jax.lax.platform_dependent(query, key, value, cpu=on_cpu, default=materialized)
 
 
-_KERNEL_FUNCTIONS = {"auto": auto_kernel, "dot_product": dot_product_kernel, "per_head": per_head_kernel}
+# diffusers' jax_memory_efficient_attention defaults: the scores held at once are (query chunk, key chunk) per
+# (batch, head).
+QUERY_CHUNK = 1024
+KEY_CHUNK = 4096
 
 
-def _attention_call(kernel, module: FlaxAttention, hidden_states, context=None, deterministic=True):
-    context = hidden_states if context is None else context
-    batch = hidden_states.shape[0]
-
-    def heads(x):  # (batch, length, heads * dim_head) -> (batch, length, heads, dim_head)
-        return x.reshape(batch, -1, module.heads, module.dim_head)
-
-    query, key, value = heads(module.query(hidden_states)), heads(module.key(context)), heads(module.value(context))
-    attended = kernel(query, key, value, module.scale)
-    hidden_states = module.proj_attn(attended.reshape(batch, -1, module.heads * module.dim_head))
-    return module.dropout_layer(hidden_states, deterministic=deterministic)
+def _pad_length(x: jax.Array, multiple: int) -> jax.Array:  # pads axis 1 (length) with zeros to a multiple
+    return jnp.pad(x, ((0, 0), (0, -x.shape[1] % multiple), (0, 0), (0, 0)))
 
 
-def _interceptor(kernel):
-    def interceptor(next_fun, args, kwargs, context):
-        if context.method_name != "__call__" or not isinstance(context.module, FlaxAttention):
-            return next_fun(*args, **kwargs)
-        return _attention_call(kernel, context.module, *args, **kwargs)
-
-    return interceptor
+def _chunks(x: jax.Array, size: int) -> jax.Array:  # (batch, length, ...) -> (length / size, batch, size, ...)
+    return jnp.swapaxes(x.reshape(x.shape[0], -1, size, *x.shape[2:]), 0, 1)
 
 
-def attention_kernel(name: str):
-    """A context in which the UNet's attention layers run kernel `name` (a no-op for the kernels diffusers
-    selects itself: `default`, `memory_efficient`). Enter it around the UNet's `apply`."""
-    if name not in KERNELS:
-        raise ValueError(f"model.attention={name!r} is not one of {list(KERNELS)}.")
-    if name not in _KERNEL_FUNCTIONS:
-        return contextlib.nullcontext()
-    return nn.intercept_methods(_interceptor(_KERNEL_FUNCTIONS[name]))
+def memory_efficient_kernel(query, key, value, scale, query_chunk: int = QUERY_CHUNK, key_chunk: int = KEY_CHUNK):
+    """Attention that never holds more scores than (batch, heads, query_chunk, key_chunk) (Rabe & Staats 2021,
+    diffusers' `use_memory_efficient_attention`): queries a chunk at a time (`lax.map`), keys a chunk at a time
+    (`lax.scan`) with a running max and sum of the softmax, each key chunk recomputed in the backward pass
+    (`jax.checkpoint`). Lengths that are not a multiple of the chunk are padded; padded keys are masked out.
+
+    Unlike diffusers' Flax layer (which used query chunks of length / 64 and needed lengths that divide evenly),
+    the chunks are diffusers' function defaults and any length works; the softmax statistics are float32 in
+    any compute dtype."""
+    batch, query_length, heads, dim_head = query.shape
+    key_length = key.shape[1]
+    query_chunk, key_chunk = min(query_chunk, query_length), min(key_chunk, key_length)
+    queries = _chunks(_pad_length(query, query_chunk), query_chunk)
+    keys = _chunks(_pad_length(key, key_chunk), key_chunk)
+    values = _chunks(_pad_length(value, key_chunk), key_chunk)
+    is_key = (jnp.arange(keys.shape[0] * key_chunk) < key_length).reshape(-1, key_chunk)
+
+    def attend(query_block):  # (batch, query_chunk, heads, dim_head)
+        @jax.checkpoint
+        def add_key_chunk(carry, chunk):
+            attended, total, peak = carry  # (batch, heads, query_chunk) + (dim_head,) for attended
+            key_block, value_block, valid = chunk
+            scores = jnp.einsum("bqhd,bkhd->bhqk", query_block, key_block,
+                                preferred_element_type=jnp.float32) * scale
+            scores = jnp.where(valid, scores, -jnp.inf)
+            # The shift only keeps exp() in range; the result does not depend on it, so neither does its gradient.
+            new_peak = jax.lax.stop_gradient(jnp.maximum(peak, jnp.max(scores, axis=-1)))
+            rescale = jnp.exp(peak - new_peak)
+            weights = jnp.exp(scores - new_peak[..., None])
+            attended = attended * rescale[..., None] + jnp.einsum(
+                "bhqk,bkhd->bhqd", weights, value_block, preferred_element_type=jnp.float32)
+            return (attended, total * rescale + jnp.sum(weights, axis=-1), new_peak), None
+
+        shape = (batch, heads, query_chunk)
+        start = (jnp.zeros(shape + (dim_head,), jnp.float32), jnp.zeros(shape, jnp.float32),
+                 jnp.full(shape, -jnp.inf, jnp.float32))
+        (attended, total, _), _ = jax.lax.scan(add_key_chunk, start, (keys, values, is_key))
+        return jnp.transpose(attended / total[..., None], (0, 2, 1, 3)).astype(query.dtype)
+
+    attended = jax.lax.map(attend, queries)  # (query chunks, batch, query_chunk, heads, dim_head)
+    return jnp.swapaxes(attended, 0, 1).reshape(batch, -1, heads, dim_head)[:, :query_length]
+
+
+# model.attention -> kernel (the values of config.ATTENTIONS; described at the top of this file).
+KERNELS = {
+    "auto": auto_kernel,
+    "default": materialized_kernel,
+    "memory_efficient": memory_efficient_kernel,
+    "dot_product": dot_product_kernel,
+    "per_head": per_head_kernel,
+}

@@ -16,7 +16,6 @@ from types import SimpleNamespace
 
 import numpy as np
 from transformers import CLIPTokenizer
-from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
 # Frequent caption words; the demo dataset's captions use only these (colours, shapes, places).
 CAPTION_WORDS = (
@@ -25,6 +24,15 @@ CAPTION_WORDS = (
     "circle square triangle ring cross star shape background "
     "left right top bottom center middle corner"
 ).split()
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """Byte -> the printable character CLIP's byte-level BPE writes it as (GPT-2's table: printable bytes as
+    themselves, the others shifted past 255). transformers 5 no longer exports its copy."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    shifted = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(shifted)}}
 
 
 def _apply_merges(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
@@ -66,7 +74,9 @@ def builtin_tokenizer(max_length: int = 77) -> CLIPTokenizer:
             json.dump({token: i for i, token in enumerate(dict.fromkeys(vocab))}, f)
         with open(merges_file, "w", encoding="utf-8") as f:
             f.write("#version: sdjax-builtin\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-        return CLIPTokenizer(vocab_file, merges_file, model_max_length=max_length)
+        # From the folder, as a pretrained tokenizer loads: the constructor's arguments differ between
+        # transformers 4 (file paths) and 5 (the vocabulary and merges themselves).
+        return CLIPTokenizer.from_pretrained(folder, model_max_length=max_length)
 
 
 class TokenizerPair:
