@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib.metadata
 import json
 import os
 import shutil
@@ -85,7 +84,7 @@ def model_index(fmt: str, sdxl: bool = False) -> dict:
     empty negative prompt as sdjax's sampler does (and as the caption dropout trained it), not to zero it."""
     index = {
         "_class_name": _PIPELINES[fmt, sdxl],
-        "_diffusers_version": importlib.metadata.version("diffusers"),
+        **pytorch_export.diffusers_version(),
         **{name: list(library_and_class) for name, library_and_class in _CLASSES[fmt].items()
            if sdxl or name not in _SDXL_ONLY},
     }
@@ -103,7 +102,7 @@ def model_index(fmt: str, sdxl: bool = False) -> dict:
 def scheduler_config(config: ml_collections.ConfigDict, class_name: str) -> dict:
     """Stable Diffusion's PNDM settings (as in its scheduler_config.json) over the betas the run trained with."""
     d = config.diffusion
-    return {"_class_name": class_name, "_diffusers_version": importlib.metadata.version("diffusers"),
+    return {"_class_name": class_name, **pytorch_export.diffusers_version(),
             "num_train_timesteps": d.num_train_timesteps, "beta_start": d.beta_start, "beta_end": d.beta_end,
             "beta_schedule": d.beta_schedule, "prediction_type": d.prediction_type, "trained_betas": None,
             "skip_prk_steps": True, "set_alpha_to_one": False, "steps_offset": 1}

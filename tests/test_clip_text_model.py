@@ -1,12 +1,12 @@
 """sdjax's CLIP text encoders (sdjax/models/clip_text.py): transformers' PyTorch CLIPTextModel /
 CLIPTextModelWithProjection compute the same from the same weights (outputs, pooled states, projections and
-parameter gradients), for each family Stable Diffusion uses; the parameter counts of the real configs; and,
-while transformers still has them (< 5), the same parameter tree, outputs and gradients as its Flax classes.
+parameter gradients), for each family Stable Diffusion uses; the parameter counts of the real configs.
+(Against transformers 4.57's Flax CLIP classes, which they replaced, while both existed: the same parameter
+trees, outputs and gradients within 1e-5.)
 
-Tolerances: float32 on CPU, tiny models. Outputs: max abs diff <= 1e-4 against PyTorch (seen: ~1e-6),
-<= 1e-5 against the old Flax classes. Gradients (token ids are integers, so gradients are taken w.r.t. the
-parameters, the token embedding table being the input's): max abs diff <= 1e-4 x the largest gradient against
-PyTorch (seen: ~5e-7 x), 1e-5 x against the old Flax classes.
+Tolerances: float32 on CPU, tiny models. Outputs: max abs diff <= 1e-4 against PyTorch (seen: ~1e-6).
+Gradients (token ids are integers, so gradients are taken w.r.t. the parameters, the token embedding table
+being the input's): max abs diff <= 1e-4 x the largest gradient (seen: ~5e-7 x).
 """
 
 import functools
@@ -234,49 +234,3 @@ def test_parameter_count_of_the_real_configs(config_name, component, module_clas
     values = load_config_file(config_name).model[component].to_dict()
     shapes = _shapes(module_class(CLIPTextConfig(**values)))
     assert sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes)) == count
-
-
-# --- transformers' Flax classes (transformers < 5), which these modules replace ----------------------------
-
-
-def _old_flax_module(family: str):
-    """transformers' Flax module of the family, or a skip where transformers no longer has Flax models."""
-    try:
-        from transformers import FlaxCLIPTextModel, FlaxCLIPTextModelWithProjection
-    except ImportError:
-        pytest.skip("transformers >= 5 has no Flax CLIP: nothing to compare with")
-    flax_class = FlaxCLIPTextModelWithProjection if family in WITH_PROJECTION else FlaxCLIPTextModel
-    return flax_class(_config(family), _do_init=False).module
-
-
-def _tree_of_shapes(params):
-    return {k: (v.shape, v.dtype) for k, v in flatten_dict(params).items()}
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_old_flax_param_tree_is_identical(family):
-    old = _old_flax_module(family)
-    ids = jnp.zeros((1, LENGTH), jnp.int32)
-    theirs = jax.eval_shape(lambda: old.init(jax.random.key(0), ids, jnp.ones_like(ids), _position_ids(ids)))
-    assert _tree_of_shapes(_shapes(_modules(family)[0])) == _tree_of_shapes(theirs["params"])
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_old_flax_outputs_and_gradients_are_equal(family):
-    theirs = _outputs_and_gradients(_old_flax_module(family), family)
-    ours = _ours(family)
-    diffs = _max_diffs({name: ours[0][name] for name in theirs[0]}, theirs[0])  # theirs: no pooler with projection
-    assert max(diffs.values()) <= ATOL_OLD_FLAX, diffs
-    _assert_gradients_close(ours[1], theirs[1], GRAD_RTOL_OLD_FLAX)
-
-
-def test_dtype_is_the_compute_dtype_and_params_stay_float32():
-    family = "sdxl_second_gelu_projection"
-    module = CLIPTextEncoderWithProjection(_config(family), dtype=jnp.bfloat16)
-    assert {s.dtype for s in jax.tree.leaves(_shapes(module))} == {jnp.dtype(jnp.float32)}
-    ids, mask = _ids_and_mask(family)
-    output = jax.jit(lambda params: _apply(module, params, ids, mask))(_pytorch_model_and_params(family)[1])
-    assert output.last_hidden_state.dtype == output.text_embeds.dtype == jnp.bfloat16
-    for name, reference in _ours(family)[0].items():
-        ours = _named_outputs(output)[name].astype(jnp.float32)
-        assert float(jnp.max(jnp.abs(ours - reference))) <= 0.05 * float(jnp.max(jnp.abs(reference))), name

@@ -21,12 +21,22 @@ from sdjax.models.weight_names import pytorch_name_and_layout
 _FLAX_ONLY_CONFIG_KEYS = ("use_memory_efficient_attention", "split_head_dim")
 
 
+def diffusers_version() -> dict:
+    """{"_diffusers_version": the installed diffusers'}, the bookkeeping key diffusers writes into its configs;
+    empty where diffusers is not installed (sdjax does not need it to export; diffusers reads folders without
+    the key)."""
+    try:
+        return {"_diffusers_version": importlib.metadata.version("diffusers")}
+    except importlib.metadata.PackageNotFoundError:
+        return {}
+
+
 def diffusers_model_config(module, class_name: str) -> dict:
     """config.json of a diffusers Flax model (`module`) saved as `class_name` (its PyTorch or Flax class)."""
     pytorch = not class_name.startswith("Flax")
     values = {k: v for k, v in module.config.items()
               if not k.startswith("_") and not (pytorch and k in _FLAX_ONLY_CONFIG_KEYS)}
-    return {"_class_name": class_name, "_diffusers_version": importlib.metadata.version("diffusers"), **values}
+    return {"_class_name": class_name, **diffusers_version(), **values}
 
 
 def _check_inverse(pytorch_key: str, pytorch_shape, flax_key, flax_shapes: dict, library: str, where: str):
