@@ -40,13 +40,13 @@ def base_config() -> ml_collections.ConfigDict:
     # A VAE config file (configs/demo_vae.py): `sdjax train` first trains the VAE with it into model.vae_from
     # (default WORKDIR/vae), or resumes it there; skipped when a finished VAE run is already there.
     c.model.vae_config = ""
-    c.model.unet = ml_collections.ConfigDict(dict(  # FlaxUNet2DConditionModel kwargs (SD 1.5 shapes)
+    c.model.unet = ml_collections.ConfigDict(dict(  # UNet2DConditionModel fields (sdjax/models/unet.py; SD 1.5 shapes)
         sample_size=64, in_channels=4, out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8,
         cross_attention_dim=768))
-    c.model.vae = ml_collections.ConfigDict(dict(  # FlaxAutoencoderKL kwargs (SD 1.5 shapes)
+    c.model.vae = ml_collections.ConfigDict(dict(  # AutoencoderKL fields (sdjax/models/autoencoder_kl.py; SD 1.5 shapes)
         in_channels=3, out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, norm_num_groups=32,

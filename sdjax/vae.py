@@ -1,6 +1,6 @@
 """The VAE stage (`sdjax train-vae`, `train.stage="vae"`) and the trained VAE the UNet stage runs on.
 
-The VAE stage trains FlaxAutoencoderKL with `sdjax train`'s loop, mesh, optimizer, checkpoints and metrics
+The VAE stage trains the AutoencoderKL (sdjax/models/autoencoder_kl.py) with `sdjax train`'s loop, mesh, optimizer, checkpoints and metrics
 (sdjax/train.py); what differs is here. A batch {pixel_values [B,H,W,3] in [-1,1]} becomes a loss:
   encode -> posterior N(mean, std^2) -> one latent sample -> decode -> reconstruction x'
   loss = l1_weight * mean|x - x'| + l2_weight * mean (x - x')^2 + kl_weight * mean KL(posterior || N(0, 1))
@@ -276,7 +276,7 @@ def _vae_folder(path: str) -> str | None:
 
 
 def _trained_vae_config(path: str) -> dict:
-    """FlaxAutoencoderKL kwargs of the VAE at `model.vae_from`, its scaling factor included."""
+    """AutoencoderKL fields of the VAE at `model.vae_from`, its scaling factor included."""
     if not os.path.isdir(path):
         raise ConfigError("model.vae_from", path, "expected a folder: a `sdjax train-vae` workdir or a diffusers "
                                                   "(VAE or pipeline) folder")

@@ -21,7 +21,7 @@ import io
 import json
 import os
 
-from sdjax.data import files
+import sdjax.data.files as files
 from sdjax.data.records import BadRecord, DataError
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")

@@ -38,7 +38,7 @@ import ml_collections
 import ml_dtypes
 import numpy as np
 
-from sdjax.data import files
+import sdjax.data.files as files
 from sdjax.data.preprocess import caption_index, drops_caption, tokenize
 from sdjax.data.records import DataError
 

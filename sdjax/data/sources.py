@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from sdjax.data import files
+import sdjax.data.files as files
 from sdjax.data.imagefolder import ImageFolderSource
 from sdjax.data.records import DataError
 from sdjax.data.shapes import ShapesSource

@@ -35,7 +35,7 @@ import threading
 import numpy as np
 from absl import logging
 
-from sdjax.data import files
+import sdjax.data.files as files
 from sdjax.data.records import BadRecord, DataError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")

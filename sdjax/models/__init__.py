@@ -344,7 +344,7 @@ def image_latent_moments(models: Models, params: Params, pixel_values_nhwc: jax.
     cache stores, so that sampling from it later equals encoding the image then."""
     pixels = jnp.transpose(pixel_values_nhwc, (0, 3, 1, 2))
     posterior = models.vae.apply({"params": params}, pixels, method=models.vae.encode).latent_dist
-    return posterior.mean, posterior.std  # diffusers' Flax posterior is channels-last
+    return posterior.mean, posterior.std  # channels-last, as the VAE gives them
 
 
 def sample_latents(models: Models, mean: jax.Array, std: jax.Array, rng: jax.Array) -> jax.Array:

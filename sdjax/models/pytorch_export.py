@@ -14,7 +14,7 @@ import json
 
 import numpy as np
 
-from sdjax.models import weight_names
+import sdjax.models.weight_names as weight_names
 from sdjax.models.weight_names import pytorch_name_and_layout
 
 # Config keys of diffusers' Flax models that their PyTorch classes do not take (they would warn about them).

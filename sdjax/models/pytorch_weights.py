@@ -17,7 +17,7 @@ from flax import serialization
 from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors import safe_open
 
-from sdjax.models import weight_names
+import sdjax.models.weight_names as weight_names
 
 _DIFFUSERS_WEIGHT_FILES = (
     "diffusion_pytorch_model.safetensors",

@@ -38,7 +38,7 @@ import ml_collections
 import numpy as np
 
 from sdjax.config import PREDICTION_TYPES, SCHEDULERS
-from sdjax.models import noise as noise_lib
+import sdjax.models.noise as noise_lib
 
 LMS_ORDER = 4  # diffusers' default order for LMS
 PLMS_ORDER = 4  # PNDM's linear multistep keeps the last 4 noise predictions

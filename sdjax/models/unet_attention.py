@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sdjax.models import attention as attention_lib
+import sdjax.models.attention as attention_lib
 
 def check_kernel(name: str) -> None:
     if name not in attention_lib.KERNELS:

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sdjax.models import remat as remat_lib
+import sdjax.models.remat as remat_lib
 from sdjax.models.unet_attention import Transformer2DModel
 
 REMAT = ("none", *remat_lib.POLICIES)
