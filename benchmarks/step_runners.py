@@ -100,7 +100,7 @@ def flax_example_runner(config, batch: dict):
 
         def compute_loss(params):
             vae_outputs = models.vae.apply({"params": vae_params}, jnp.transpose(batch["pixel_values"], (0, 3, 1, 2)),
-                                           deterministic=True, method=models.vae.encode)
+                                           method=models.vae.encode)
             latents = vae_outputs.latent_dist.sample(sample_rng)
             latents = jnp.transpose(latents, (0, 3, 1, 2)) * models.vae_scaling_factor
             noise_rng, timestep_rng = jax.random.split(sample_rng)

@@ -77,15 +77,15 @@ def benchmark_config(precision: str, batch_size: int = BATCH, image_size: int = 
 def run_variant(variant: str, repeats: int, batch_size: int, image_size: int, unet_channels: tuple[int, ...],
                 compilation_cache: str = "") -> dict:
     family, precision = variant.split("-")[0], variant.split("-")[-2 if variant.endswith("dev") else -1]
-    if family == "sdjax":  # as the `sdjax` command does: diffusers and tensorboardX imported without torch
+    if family == "sdjax":  # as the `sdjax` command does: transformers and tensorboardX imported without torch
         from sdjax._torchless import import_without_torch
         import_without_torch()
     config = benchmark_config(precision, batch_size, image_size, unet_channels, compilation_cache)
     batch = step_runners.fixed_batch(batch_size, image_size, TEXT["vocab_size"])
     if "noattn" in variant:
         from sdjax.models import attention
-        for name in attention._KERNEL_FUNCTIONS:
-            attention._KERNEL_FUNCTIONS[name] = lambda query, key, value, scale: query
+        for name in attention.KERNELS:
+            attention.KERNELS[name] = lambda query, key, value, scale: query
     if family == "sdjax":
         run_step = step_runners.sdjax_runner(config, batch)
     elif family == "flax":

@@ -35,6 +35,7 @@ from sdjax import checkpoint as checkpoint_lib
 from sdjax import lora as lora_lib
 from sdjax import models as models_lib
 from sdjax.models import pytorch_export
+from sdjax.models.tokenizer import save_tokenizer
 
 FORMATS = ("pytorch", "flax")
 
@@ -189,7 +190,7 @@ def _write_pipeline(partial: str, config: ml_collections.ConfigDict, params: dic
         text_config.architectures = [classes[name][1]]
         text_config.save_pretrained(folder)
         _write_weights(folder, params.pop(name), fmt, "transformers")
-        tokenizers[tokenizer_name].save_pretrained(os.path.join(partial, tokenizer_name))
+        save_tokenizer(tokenizers[tokenizer_name], os.path.join(partial, tokenizer_name))
     os.makedirs(os.path.join(partial, "scheduler"))
     _write_json(os.path.join(partial, "scheduler", "scheduler_config.json"),
                 scheduler_config(config, classes["scheduler"][1]))

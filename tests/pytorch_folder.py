@@ -32,3 +32,11 @@ def write_pytorch_folder(config, path: str, seed: int = 0) -> dict:
     for name in tokenizers:
         tokenizer.save_pretrained(os.path.join(path, name))
     return modules
+
+
+def with_text_model_prefix(state: dict) -> dict:
+    """A CLIP text model's state dict with its keys as checkpoint files name them: transformers 5 flattened
+    CLIPTextModel (`embeddings...`, where files and transformers 4 have `text_model.embeddings...`; it loads
+    either); CLIPTextModelWithProjection kept the prefix."""
+    return {key if key.startswith(("text_model.", "text_projection")) else f"text_model.{key}": value
+            for key, value in state.items()}

@@ -146,7 +146,8 @@ def _pytorch(family: str, mask=None):
     model, _ = _pytorch_model_and_params(family)
     ids, ones = _ids_and_mask(family)
     ids_t, mask_t = torch.from_numpy(ids).long(), torch.from_numpy(ones if mask is None else mask).long()
-    text = model.text_model(ids_t, mask_t, output_hidden_states=True)
+    # transformers 5's CLIPTextModel is the text transformer itself (no `text_model` attribute); 4's wraps it.
+    text = getattr(model, "text_model", model)(ids_t, mask_t, output_hidden_states=True)
     outputs = _named_outputs(text)
     if family in WITH_PROJECTION:
         outputs["text_embeds"] = model.text_projection(text.pooler_output)

@@ -171,6 +171,7 @@ def test_export_writes_the_lora_file_and_the_random_base_pipeline(exported):
 def test_pytorch_pipeline_with_load_lora_weights_matches_flax_with_adapters(exported):
     import torch
     from diffusers import StableDiffusionPipeline
+    from pytorch_folder import with_text_model_prefix
     out, _, models, state = exported
     pipe = StableDiffusionPipeline.from_pretrained(out)
     latents, timesteps, context = _unet_inputs(1)
@@ -202,6 +203,7 @@ def test_pytorch_pipeline_with_load_lora_weights_matches_flax_with_adapters(expo
     for name, library in (("unet", "diffusers"), ("text_encoder", "transformers")):
         ours = pytorch_export.flax_to_pytorch_state(flatten_dict(merged[name]), library, name)
         theirs = getattr(pipe, name).state_dict()
+        theirs = with_text_model_prefix(theirs) if library == "transformers" else theirs
         assert ours.keys() == {k for k in theirs if not k.endswith("position_ids")}
         for key, value in ours.items():
             np.testing.assert_allclose(theirs[key].numpy(), value, rtol=0, atol=1e-5, err_msg=key)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from flax.traverse_util import flatten_dict
 
+from pytorch_folder import with_text_model_prefix
 from sdjax.models import weight_names
 from sdjax.models.pytorch_weights import pytorch_to_flax
 
@@ -69,7 +70,8 @@ def _pytorch_shapes(config, models, component: str) -> dict[str, tuple[int, ...]
                   "vae": lambda: AutoencoderKL(**config.model.vae.to_dict()),
                   "text_encoder": lambda: CLIPTextModel(models.text_encoder_config),
                   "text_encoder_2": lambda: CLIPTextModelWithProjection(models.text_encoder_2_config)}[component]()
-    return {key: tuple(tensor.shape) for key, tensor in module.state_dict().items()}
+    shapes = {key: tuple(tensor.shape) for key, tensor in module.state_dict().items()}
+    return with_text_model_prefix(shapes) if component in TEXT_ENCODERS else shapes
 
 
 def _tiny_state(family: str):

@@ -90,7 +90,10 @@ def lora_to_pytorch_state(adapters: dict, base_shapes: dict, rank: int, alpha: f
             weight_name, weight = pytorch_name_and_layout(kernel_key, flax_shapes[kernel_key], library)
             _check_inverse(weight_name, weight.shape, kernel_key, flax_shapes, library, f"LoRA {component}")
             module = weight_name.removesuffix(".weight")
-            modules.append(module)
+            # PEFT matches a target module by its name's end: without CLIP's `text_model.` prefix the name
+            # matches transformers 4's CLIPTextModel and 5's, which dropped that level (diffusers strips the
+            # prefix from the keys below itself where the model has none).
+            modules.append(module.removeprefix("text_model."))
             for name, array in (("lora_A", flat[path + ("lora_A",)]), ("lora_B", flat[path + ("lora_B",)])):
                 state[f"{prefix}.{module}.{name}.weight"] = np.ascontiguousarray(np.asarray(array).T, np.float32)
         config.update({f"{prefix}.r": rank, f"{prefix}.lora_alpha": alpha, f"{prefix}.target_modules": modules,

@@ -79,6 +79,14 @@ def builtin_tokenizer(max_length: int = 77) -> CLIPTokenizer:
         return CLIPTokenizer.from_pretrained(folder, model_max_length=max_length)
 
 
+def save_tokenizer(tokenizer: CLIPTokenizer, folder: str) -> None:
+    """`tokenizer` in `folder` as every transformers release reads it: transformers 5 saves `tokenizer.json`
+    only, which transformers 4's CLIPTokenizer cannot read; its BPE model writes `vocab.json` and `merges.txt`."""
+    tokenizer.save_pretrained(folder)
+    if not os.path.isfile(os.path.join(folder, "vocab.json")):
+        tokenizer.backend_tokenizer.model.save(folder)
+
+
 class TokenizerPair:
     """SDXL's two tokenizers (CLIP ViT-L's and OpenCLIP ViT-bigG's) as one: called like a CLIPTokenizer, it
     gives both token ids of each text side by side, `input_ids` [..., 2, max_length], so the data pipeline,
