@@ -209,16 +209,9 @@ class CLIPTextEncoder(nn.Module):
             input_ids, attention_mask, position_ids, deterministic, output_hidden_states)
 
 
-class CLIPTextEncoderWithProjection(nn.Module):
+class CLIPTextEncoderWithProjection(CLIPTextEncoder):
     """CLIP's text encoder with the projection of its pooled output, `text_embeds` (transformers'
     CLIPTextModelWithProjection: SDXL's second text encoder)."""
-
-    config: CLIPTextConfig
-    dtype: jnp.dtype = jnp.float32
-
-    def __post_init__(self):
-        _check_config(self.config)
-        super().__post_init__()
 
     @nn.compact
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
