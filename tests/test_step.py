@@ -60,8 +60,20 @@ def test_bf16_keeps_fp32_params_and_computes_in_bf16(tiny_config):
 def _all_eqns(jaxpr):
     for eqn in jaxpr.eqns:
         yield eqn
-        for sub in jax.core.jaxprs_in_params(eqn.params):
+        for sub in _jaxprs_in(eqn.params.values()):
             yield from _all_eqns(sub)
+
+
+def _jaxprs_in(values):
+    """The jaxprs among an equation's params (scan, remat, pjit, cond branches...). jax.core.jaxprs_in_params
+    did this until jax 0.12 made it private."""
+    for value in values:
+        if hasattr(value, "eqns"):  # a Jaxpr
+            yield value
+        elif hasattr(getattr(value, "jaxpr", None), "eqns"):  # a ClosedJaxpr
+            yield value.jaxpr
+        elif isinstance(value, (tuple, list)):
+            yield from _jaxprs_in(value)
 
 
 def test_loss_decreases_when_overfitting_one_batch(tiny_config):
