@@ -116,6 +116,16 @@ def config_changes(saved: dict, current: dict) -> list[str]:
             for k in sorted(old.keys() | new.keys()) if old.get(k, "(absent)") != new.get(k, "(absent)")]
 
 
+def _scan_layers_changed(saved_config: dict, config, where: str) -> str:
+    """The first line of the mismatch error when `model.scan_layers` differs: it changes the arrays' names
+    (scanned stacks are stored stacked, sdjax/models/layer_stacks.py), so that is the value to set back."""
+    saved = bool(saved_config.get("model", {}).get("scan_layers", False))
+    if saved == bool(config.model.get("scan_layers", False)):
+        return ""
+    return (f"{where} was saved with model.scan_layers={saved}: its layer stacks are stored "
+            f"{'stacked' if saved else 'unrolled'}; resume it with --config.model.scan_layers={saved}. ")
+
+
 def check_compatible(saved_state_metadata, abstract_state, saved_config: dict, config, where: str) -> None:
     """Raises CheckpointMismatchError, naming arrays and config keys, if the saved arrays don't fit the state."""
     saved = _flat_shapes(saved_state_metadata)
@@ -130,6 +140,7 @@ def check_compatible(saved_state_metadata, abstract_state, saved_config: dict, c
     shown = "\n  ".join(problems[:8]) + (f"\n  ... ({len(problems)} in all)" if len(problems) > 8 else "")
     changes = "\n  ".join(config_changes(saved_config, config_to_dict(config))) or "(none)"
     raise CheckpointMismatchError(
+        _scan_layers_changed(saved_config, config, where) +
         f"{where} cannot be resumed with this config: its arrays have other shapes than the model and "
         f"optimizer state the config builds.\n  {shown}\nConfig values changed since that checkpoint:\n  {changes}\n"
         "Only values that keep every shape (train.steps, optimizer.learning_rate, ...) may change on resume: "

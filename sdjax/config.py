@@ -35,6 +35,12 @@ def base_config() -> ml_collections.ConfigDict:
     # "memory_efficient" (diffusers' chunked) | "dot_product" (cuDNN flash on GPU) | "per_head" (CPU); see
     # sdjax/models/attention.py
     c.model.attention = "auto"
+    # Run SDXL's transformer stacks (2 and 10 deep) and the CLIP text encoders' layers as one `nn.scan` each,
+    # so the compiler sees one layer, not ten (MaxText's name). Same computation; the params of a scanned
+    # stack are stored stacked (sdjax/models/layer_stacks.py), so a checkpoint resumes only with the setting it
+    # was saved with. Pretrained folders load and exports are written either way. docs/models.md has its
+    # compile times.
+    c.model.scan_layers = False
     # A trained VAE for the UNet stage, replacing model.vae: a `sdjax train-vae` workdir or a diffusers folder.
     c.model.vae_from = ""
     # A VAE config file (configs/demo_vae.py): `sdjax train` first trains the VAE with it into model.vae_from

@@ -34,7 +34,7 @@ from safetensors.numpy import save_file
 from sdjax import checkpoint as checkpoint_lib
 from sdjax import lora as lora_lib
 from sdjax import models as models_lib
-from sdjax.models import pytorch_export
+from sdjax.models import layer_stacks, pytorch_export
 from sdjax.models.tokenizer import save_tokenizer
 
 FORMATS = ("pytorch", "flax")
@@ -144,7 +144,8 @@ def export(workdir: str, out: str, step: int | None = None, fmt: str = "pytorch"
     loaded = checkpoint_lib.load_inference_checkpoint(workdir, step, use_ema)
     if loaded.config.train.get("stage", "unet") == "vae":
         return export_vae(loaded, workdir, out, fmt)
-    config, params = loaded.config, loaded.params
+    # diffusers' and transformers' names: a run with model.scan_layers has its stacks unrolled here.
+    config, params = loaded.config, layer_stacks.unstack_params(loaded.params)
     adapters = params.pop(lora_lib.COMPONENT, None)
     if adapters is not None and merge_lora:
         params = lora_lib.merge({**params, lora_lib.COMPONENT: adapters}, lora_lib.scale(config.lora))

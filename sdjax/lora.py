@@ -60,10 +60,12 @@ def _flax_name(pytorch_name: str) -> str:
 
 
 def adapted_modules(component_params, target_names) -> list[tuple[str, ...]]:
-    """Paths of the Dense modules of a component whose name is one of `target_names` (PyTorch names)."""
+    """Paths of the Dense modules of a component whose name is one of `target_names` (PyTorch names). A Dense
+    kernel is 2-d, or 3-d in a scanned layer stack (`model.scan_layers`: a leading layer axis,
+    sdjax/models/layer_stacks.py); adapters then get that axis too."""
     flax_names = {_flax_name(name) for name in target_names}
     return sorted(path[:-1] for path, leaf in flatten_dict(component_params).items()
-                  if path[-1] == "kernel" and len(path) > 1 and path[-2] in flax_names and len(leaf.shape) == 2)
+                  if path[-1] == "kernel" and len(path) > 1 and path[-2] in flax_names and len(leaf.shape) in (2, 3))
 
 
 def init_adapters(params: dict[str, Any], lora_config: ml_collections.ConfigDict, rng: jax.Array) -> dict:
@@ -74,11 +76,11 @@ def init_adapters(params: dict[str, Any], lora_config: ml_collections.ConfigDict
         base = flatten_dict(params[component])
         flat = {}
         for index, path in enumerate(adapted_modules(params[component], names)):
-            fan_in, fan_out = base[path + ("kernel",)].shape
+            *layers, fan_in, fan_out = base[path + ("kernel",)].shape  # layers: a scanned stack's depth
             bound = 1.0 / fan_in**0.5
             key = jax.random.fold_in(jax.random.fold_in(rng, len(adapters)), index)
-            flat[path + ("lora_A",)] = jax.random.uniform(key, (fan_in, rank), jnp.float32, -bound, bound)
-            flat[path + ("lora_B",)] = jnp.zeros((rank, fan_out), jnp.float32)
+            flat[path + ("lora_A",)] = jax.random.uniform(key, (*layers, fan_in, rank), jnp.float32, -bound, bound)
+            flat[path + ("lora_B",)] = jnp.zeros((*layers, rank, fan_out), jnp.float32)
         adapters[component] = unflatten_dict(flat)
     return adapters
 

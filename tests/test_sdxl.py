@@ -97,18 +97,29 @@ def test_sdxl_loss_is_conditioned_on_each_images_size_and_crop_from_the_batch(py
 
 
 def test_sdxl_trains_both_text_encoders_over_fsdp_and_exports_to_the_pytorch_sdxl_pipeline(pytorch_sdxl, tmp_path):
+    """With model.scan_layers (the UNet's stack of 2 and both text encoders' layers scanned, their params
+    stacked and sharded): the export unrolls them for the PyTorch pipeline; a resume without it is refused
+    by name. (tests/test_scan_layers.py: scanned and unrolled compute the same.)"""
     from diffusers import StableDiffusionXLPipeline
     from tiny import run_train_steps
+
+    from sdjax import training_setup
+    from sdjax.models import layer_stacks
     config, _, _, _ = pytorch_sdxl
     config = config.copy_and_resolve_references()
     config.train.train_text_encoder = True
     config.mesh.fsdp = 2
     config.optimizer.warmup_steps = 0
+    config.model.scan_layers = True
     assert step_lib.trainable_components(config) == ("unet", "text_encoder", models_lib.TEXT_ENCODER_2)
     state, losses = run_train_steps(config, num_steps=3)
     assert all(np.isfinite(loss) and grad_norm > 0 for loss, grad_norm in losses)
+    stack = state.params["unet"]["mid_block"]["attentions_0"]["transformer_blocks"]
+    assert stack["attn1"]["to_q"]["kernel"].shape == (2, 64, 64)  # two blocks: one scan
+    assert state.params["text_encoder"]["text_model"]["encoder"]["layers"]["mlp"]["fc1"]["kernel"].ndim == 3
+    trained = layer_stacks.unstack_params(jax.device_get(state.params))
     moved = {name: max(float(np.abs(a - b).max()) for a, b in zip(
-        jax.tree.leaves(jax.device_get(state.params[name])), jax.tree.leaves(pytorch_sdxl[2][name])))
+        jax.tree.leaves(trained[name]), jax.tree.leaves(pytorch_sdxl[2][name])))
         for name in ("unet", "text_encoder", models_lib.TEXT_ENCODER_2)}
     assert all(change > 0 for change in moved.values()), moved
 
@@ -135,6 +146,14 @@ def test_sdxl_trains_both_text_encoders_over_fsdp_and_exports_to_the_pytorch_sdx
     size = config.data.resolution
     images = pipe(PROMPTS[0], height=size, width=size, num_inference_steps=2, guidance_scale=3.0, output_type="np").images
     assert images.shape == (1, size, size, 3) and np.isfinite(images).all()
+
+    unrolled = config.copy_and_resolve_references()
+    unrolled.model.scan_layers = False
+    checkpoints = checkpoint_lib.Checkpoints(checkpoint_lib.checkpoint_dir(config, workdir), unrolled)
+    with pytest.raises(checkpoint_lib.CheckpointMismatchError,
+                       match="saved with model.scan_layers=True.*--config.model.scan_layers=True"):
+        checkpoints.check_newest(training_setup.build(unrolled).abstract_state)
+    checkpoints.close()
 
 
 def test_sdxl_samples_and_plans(pytorch_sdxl):

@@ -48,14 +48,16 @@ def tiny_config():
 def tiny_sdxl_config():
     """tiny_config in SDXL's form (configs/sdxl.py): a second, projecting text encoder, the UNet's cross-
     attention over both encoders' hidden states (64 + 32 wide), its "text_time" embedding of the pooled
-    projection and the micro-conditioning."""
+    projection and the micro-conditioning, and a stack of transformer blocks."""
     import ml_collections
     c = tiny_config()
     c.model.text_encoder_2 = ml_collections.ConfigDict(dict(
         vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
         hidden_act="gelu", projection_dim=24))
+    # Two transformer blocks at the second level (its mid block), as SDXL's stacks of 2 and 10: what
+    # model.scan_layers scans.
     c.model.unet.update(cross_attention_dim=64 + 32, addition_embed_type="text_time", addition_time_embed_dim=8,
-                        projection_class_embeddings_input_dim=24 + 6 * 8)
+                        projection_class_embeddings_input_dim=24 + 6 * 8, transformer_layers_per_block=(1, 2))
     return c
 
 

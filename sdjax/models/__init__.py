@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 from transformers import CLIPTextConfig, CLIPTokenizer
 
-from sdjax.models import pytorch_weights
+from sdjax.models import layer_stacks, pytorch_weights
 from sdjax.models import discriminator as discriminator_lib, lpips as lpips_lib
 from sdjax.models.autoencoder_kl import AutoencoderKL
 from sdjax.models.clip_text import CLIPTextEncoder, CLIPTextEncoderWithProjection
@@ -140,7 +140,11 @@ def build_models(config: ml_collections.ConfigDict) -> Models:
     dtype = compute_dtype(config.train.precision)
     # The UNet runs model.attention's kernel and rematerializes its blocks as train.remat says (remat only acts
     # under a gradient: sampling with the same module recomputes nothing).
-    unet_options = dict(dtype=dtype, attention=config.model.attention, remat=config.train.remat)
+    # model.scan_layers: SDXL's transformer stacks and the CLIP layers run as one nn.scan each, their params
+    # stacked (layer_stacks.py); .get: configs saved before the key existed.
+    scan_layers = bool(config.model.get("scan_layers", False))
+    unet_options = dict(dtype=dtype, attention=config.model.attention, remat=config.train.remat,
+                        scan_layers=scan_layers)
     text_cfg_2 = None
     if config.model.pretrained:
         root = _pretrained_dir(config)
@@ -162,8 +166,9 @@ def build_models(config: ml_collections.ConfigDict) -> Models:
         if has_second_text_encoder(config):
             text_cfg_2 = text_encoder_config(config.model.text_encoder_2, tokenizer)
             tokenizer = TokenizerPair(tokenizer, tokenizer)
-    text_encoder = CLIPTextEncoder(text_cfg, dtype=dtype)
-    text_encoder_2 = None if text_cfg_2 is None else CLIPTextEncoderWithProjection(text_cfg_2, dtype=dtype)
+    text_encoder = CLIPTextEncoder(text_cfg, dtype=dtype, scan_layers=scan_layers)
+    text_encoder_2 = None if text_cfg_2 is None else CLIPTextEncoderWithProjection(text_cfg_2, dtype=dtype,
+                                                                                   scan_layers=scan_layers)
     return Models(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_config=text_cfg,
                   tokenizer=tokenizer, text_encoder_2=text_encoder_2,
                   text_encoder_2_config=text_cfg_2, **vae_loss_networks(config, dtype))
@@ -268,11 +273,13 @@ def load_pretrained_params(models: Models, config: ml_collections.ConfigDict,
     msgpack or PyTorch safetensors/bin), on host."""
     root = _pretrained_dir(config)
     components = components or models.components
-    shapes = param_shapes(models, config, components)
+    # The files have the unrolled names; with model.scan_layers the stacks are stacked once read.
+    shapes = layer_stacks.unstack_params(param_shapes(models, config, components))
     text_encoders = ("text_encoder", TEXT_ENCODER_2)
-    return {name: (pytorch_weights.load_clip_text_weights if name in text_encoders else
-                   pytorch_weights.load_diffusers_weights)(os.path.join(root, name), shapes[name])
-            for name in components}
+    params = {name: (pytorch_weights.load_clip_text_weights if name in text_encoders else
+                     pytorch_weights.load_diffusers_weights)(os.path.join(root, name), shapes[name])
+              for name in components}
+    return layer_stacks.stack_params(params) if models.unet.scan_layers else params
 
 
 def load_perceptual_params(config: ml_collections.ConfigDict) -> Params:

@@ -122,15 +122,31 @@ class CLIPEncoderLayers(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
-    """Holds the layers (the `encoder` level of the parameter tree)."""
+    """Holds the layers (the `encoder` level of the parameter tree). With `scan_layers` they run as one
+    `nn.scan` over a layer whose parameters are stacked on a leading axis: `layers/self_attn/...` of shape
+    (num_hidden_layers, ...) instead of `layers/0/self_attn/...`, ... (sdjax/models/layer_stacks.py converts
+    between the two); the compiler then sees one layer."""
 
     config: CLIPTextConfig
     dtype: jnp.dtype = jnp.float32
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, allowed: jax.Array, deterministic: bool, output_hidden_states: bool):
-        return CLIPEncoderLayers(self.config, self.dtype, name="layers")(x, allowed, deterministic,
-                                                                         output_hidden_states)
+        if not self.scan_layers:
+            return CLIPEncoderLayers(self.config, self.dtype, name="layers")(x, allowed, deterministic,
+                                                                             output_hidden_states)
+
+        def apply_one(layer, x, _):
+            x = layer(x, allowed, deterministic)
+            return x, (x if output_hidden_states else None)
+
+        scanned = nn.scan(apply_one, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                          length=self.config.num_hidden_layers)
+        last, outputs = scanned(CLIPEncoderLayer(self.config, self.dtype, name="layers"), x, None)
+        if not output_hidden_states:
+            return last, None
+        return last, (x, *(outputs[i] for i in range(self.config.num_hidden_layers)))
 
 
 class CLIPTextEmbeddings(nn.Module):
@@ -153,6 +169,7 @@ class CLIPTextTransformer(nn.Module):
 
     config: CLIPTextConfig
     dtype: jnp.dtype = jnp.float32
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, position_ids, deterministic: bool,
@@ -164,8 +181,8 @@ class CLIPTextTransformer(nn.Module):
         if attention_mask is not None:
             allowed = allowed & (attention_mask[:, None, None, :] > 0)
         x = CLIPTextEmbeddings(self.config, name="embeddings")(input_ids, position_ids)
-        x, hidden_states = CLIPEncoder(self.config, self.dtype, name="encoder")(x, allowed, deterministic,
-                                                                                output_hidden_states)
+        x, hidden_states = CLIPEncoder(self.config, self.dtype, self.scan_layers, name="encoder")(
+            x, allowed, deterministic, output_hidden_states)
         last_hidden_state = _layer_norm(self.config, self.dtype, "final_layer_norm")(x)
         return CLIPTextOutput(last_hidden_state=last_hidden_state, hidden_states=hidden_states,
                               pooler_output=_pool(last_hidden_state, input_ids, self.config.eos_token_id))
@@ -191,10 +208,12 @@ def _check_config(config: CLIPTextConfig) -> None:
 
 class CLIPTextEncoder(nn.Module):
     """CLIP's text encoder without projection (transformers' CLIPTextModel). `dtype` is the compute dtype
-    (parameters are float32)."""
+    (parameters are float32); `scan_layers` (`model.scan_layers`) runs the layers as one `nn.scan`
+    (CLIPEncoder)."""
 
     config: CLIPTextConfig
     dtype: jnp.dtype = jnp.float32
+    scan_layers: bool = False
 
     def __post_init__(self):
         _check_config(self.config)
@@ -205,7 +224,7 @@ class CLIPTextEncoder(nn.Module):
                  position_ids: jax.Array | None = None, deterministic: bool = True,
                  output_hidden_states: bool = False) -> CLIPTextOutput:
         """Token ids [B, L] (attention_mask [B, L]: 0 at keys to ignore; position_ids default 0..L-1)."""
-        return CLIPTextTransformer(self.config, self.dtype, name="text_model")(
+        return CLIPTextTransformer(self.config, self.dtype, self.scan_layers, name="text_model")(
             input_ids, attention_mask, position_ids, deterministic, output_hidden_states)
 
 
@@ -218,7 +237,7 @@ class CLIPTextEncoderWithProjection(CLIPTextEncoder):
                  position_ids: jax.Array | None = None, deterministic: bool = True,
                  output_hidden_states: bool = False) -> CLIPTextOutput:
         """As CLIPTextEncoder's, with `text_embeds` [B, projection_dim] set."""
-        output = CLIPTextTransformer(self.config, self.dtype, name="text_model")(
+        output = CLIPTextTransformer(self.config, self.dtype, self.scan_layers, name="text_model")(
             input_ids, attention_mask, position_ids, deterministic, output_hidden_states)
         projection = nn.Dense(self.config.projection_dim, use_bias=False, dtype=self.dtype, name="text_projection")
         return output.replace(text_embeds=projection(output.pooler_output))

@@ -3,8 +3,10 @@
 It takes the fields of diffusers 0.39's `FlaxUNet2DConditionModel` and has its parameter tree (same names,
 same shapes), so checkpoints, weight converters (pytorch_weights.py, pytorch_export.py), LoRA targets and
 sharding rules are unchanged; it computes what diffusers' PyTorch `UNet2DConditionModel` computes (tests/
-test_unet_model.py checks both). Two fields more: `attention`, the kernel of its attention layers
-(`model.attention`), and `remat`, which blocks are recomputed in the backward pass (`train.remat`).
+test_unet_model.py checks both). Three fields more: `attention`, the kernel of its attention layers
+(`model.attention`), `remat`, which blocks are recomputed in the backward pass (`train.remat`), and
+`scan_layers`, whether deeper transformer stacks run as one `nn.scan` (`model.scan_layers`; their parameters
+are then stacked: sdjax/models/layer_stacks.py).
 
 `from_config` reads a diffusers `unet/config.json`; `config` gives one back (the exporter writes it).
 """
@@ -102,12 +104,15 @@ class UNet2DConditionModel(nn.Module):
     projection_class_embeddings_input_dim: int | None = None
     attention: str = "default"  # model.attention: one of sdjax/models/attention.py KERNELS
     remat: str = "none"  # train.remat: none | minimal | full
+    # model.scan_layers: transformer stacks deeper than 1 (SDXL's) run as one nn.scan over stacked parameters
+    scan_layers: bool = False
 
     # --- diffusers configs ---------------------------------------------------------------------------------
 
     @property
     def config(self) -> dict[str, Any]:
-        """The diffusers config fields (every field but `dtype`, `attention` and `remat`), as config.json has them."""
+        """The diffusers config fields (every field but sdjax's own settings: `dtype`, `attention`, `remat`,
+        `scan_layers`), as config.json has them."""
         return {name: getattr(self, name) for name in _config_fields()}
 
     @classmethod
@@ -177,7 +182,8 @@ class UNet2DConditionModel(nn.Module):
         only_cross = self._per_level(self.only_cross_attention)
         kernel = "memory_efficient" if self.use_memory_efficient_attention else self.attention
         block = {"dropout": self.dropout, "remat": self.remat, "dtype": self.dtype}
-        attention = {"use_linear_projection": self.use_linear_projection, "kernel": kernel}
+        attention = {"use_linear_projection": self.use_linear_projection, "kernel": kernel,
+                     "scan_layers": self.scan_layers}
         context = encoder_hidden_states
 
         # 1. time (PyTorch broadcasts one timestep to the batch)
@@ -247,6 +253,9 @@ class UNet2DConditionModel(nn.Module):
             jnp.concatenate([text_embeds, time_embeds], axis=-1))
 
 
+# The fields that are sdjax's settings, not diffusers' config.json keys.
+_SDJAX_FIELDS = ("dtype", "attention", "remat", "scan_layers", "parent", "name")
+
+
 def _config_fields() -> list[str]:
-    return [f.name for f in dataclasses.fields(UNet2DConditionModel)
-            if f.name not in ("dtype", "attention", "remat", "parent", "name")]
+    return [f.name for f in dataclasses.fields(UNet2DConditionModel) if f.name not in _SDJAX_FIELDS]

@@ -108,7 +108,14 @@ class BasicTransformerBlock(nn.Module):
 class Transformer2DModel(nn.Module):
     """The UNet's spatial transformer on NHWC features: GroupNorm, projection in (1x1 conv, or linear with
     `use_linear_projection`: SD 2.x, SDXL), `depth` BasicTransformerBlocks over the h*w positions, projection
-    out, plus the input."""
+    out, plus the input.
+
+    `scan_layers` (`model.scan_layers`) with `depth` > 1 (SDXL's stacks of 2 and 10) runs the blocks as one
+    `nn.scan` over a block whose parameters are stacked along a leading layer axis, `transformer_blocks`
+    instead of `transformer_blocks_0` ... `transformer_blocks_{depth-1}` (sdjax/models/layer_stacks.py
+    converts between the two): the compiler sees one block, not `depth`. The computation is the same. A
+    `train.remat` policy wraps this whole module, the scan inside it, as without scanning: the backward pass
+    recomputes the stack's forward once, so memory and FLOPs stay those of the unrolled stack."""
 
     in_channels: int
     heads: int
@@ -119,6 +126,7 @@ class Transformer2DModel(nn.Module):
     only_cross_attention: bool = False
     kernel: str = "default"
     dtype: jnp.dtype = jnp.float32
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, hidden_states, context, deterministic=True):
@@ -137,13 +145,28 @@ class Transformer2DModel(nn.Module):
             hidden_states = projection(inner_dim, "proj_in")(hidden_states.reshape(batch, height * width, channels))
         else:
             hidden_states = projection(inner_dim, "proj_in")(hidden_states).reshape(batch, height * width, inner_dim)
-        for i in range(self.depth):
-            hidden_states = BasicTransformerBlock(
-                inner_dim, self.heads, self.dim_head, self.dropout, self.only_cross_attention, self.kernel,
-                self.dtype, name=f"transformer_blocks_{i}")(hidden_states, context, deterministic)
+        block = functools.partial(BasicTransformerBlock, inner_dim, self.heads, self.dim_head, self.dropout,
+                                  self.only_cross_attention, self.kernel, self.dtype)
+        if self.scan_layers and self.depth > 1:
+            hidden_states = _scan_blocks(block(name="transformer_blocks"), hidden_states, context, deterministic,
+                                         self.depth)
+        else:
+            for i in range(self.depth):
+                hidden_states = block(name=f"transformer_blocks_{i}")(hidden_states, context, deterministic)
         if self.use_linear_projection:
             hidden_states = projection(channels, "proj_out")(hidden_states).reshape(batch, height, width, channels)
         else:
             hidden_states = projection(channels, "proj_out")(hidden_states.reshape(batch, height, width, inner_dim))
         # No dropout here nor at the end of each block, as in PyTorch (diffusers' Flax classes had both).
         return hidden_states + residual
+
+
+def _scan_blocks(block: BasicTransformerBlock, hidden_states, context, deterministic: bool, depth: int):
+    """`depth` applications of `block`, each with its own parameters (stacked on axis 0) and dropout rng."""
+
+    def apply_one(block, hidden_states, _):
+        return block(hidden_states, context, deterministic), None
+
+    scanned = nn.scan(apply_one, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                      length=depth)
+    return scanned(block, hidden_states, None)[0]

@@ -141,11 +141,13 @@ class _AttentionBlock(_Block):
     use_linear_projection: bool
     only_cross_attention: bool
     kernel: str
+    scan_layers: bool
 
     def transformer(self, channels: int, name: str) -> nn.Module:
         return rematerialized(Transformer2DModel, self.remat)(
             channels, self.heads, channels // self.heads, self.transformer_depth, self.dropout,
-            self.use_linear_projection, self.only_cross_attention, self.kernel, self.dtype, name=name)
+            self.use_linear_projection, self.only_cross_attention, self.kernel, self.dtype, self.scan_layers,
+            name=name)
 
 
 class DownBlock2D(_Block):
