@@ -21,7 +21,7 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 OPTIMIZERS = ("adamw", "adafactor", "adamw_bf16")  # sdjax/optim.py
 REMAT_POLICIES = ("none", "minimal", "full")  # sdjax/models/remat.py
 DECAYS = ("constant", "linear", "cosine")
-ATTENTIONS = ("auto", "default", "memory_efficient", "dot_product", "per_head")  # sdjax/models/attention.py
+ATTENTIONS = ("auto", "default", "memory_efficient", "dot_product", "per_head", "flash")  # sdjax/models/attention.py
 SCHEDULERS = ("ddim", "pndm", "lms", "dpm", "euler", "ddpm")  # sampling schedulers (sdjax/models/schedulers.py)
 STAGES = ("unet", "vae")  # what a run trains (train.stage): sdjax/step.py stage_components
 
@@ -32,7 +32,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.pretrained = ""  # a local diffusers-format folder; when set, it replaces unet/vae/text_encoder below
     # UNet attention kernel: "auto" (fastest measured per platform) | "default" (diffusers as written) |
-    # "memory_efficient" (diffusers' chunked) | "dot_product" (cuDNN flash on GPU) | "per_head" (CPU); see
+    # "memory_efficient" (diffusers' chunked) | "dot_product" (cuDNN flash on GPU) | "per_head" (CPU) |
+    # "flash" (Pallas splash attention on TPU; `auto` picks it there for long self-attention); see
     # sdjax/models/attention.py
     c.model.attention = "auto"
     # Run SDXL's transformer stacks (2 and 10 deep) and the CLIP text encoders' layers as one `nn.scan` each,

@@ -61,7 +61,7 @@ class Evaluator:
                                      f"one global batch (train.batch_size={global_batch})")
         self.batch_sharding = mesh_lib.batch_sharding(mesh)
         loss = functools.partial(batch_loss, models, config, self.num_batches * global_batch)
-        self._batch_loss = jax.jit(loss, out_shardings=mesh_lib.replicated(mesh))
+        self._batch_loss = jax.jit(mesh_lib.traced_on_mesh(loss, mesh), out_shardings=mesh_lib.replicated(mesh))
 
     def __call__(self, params: dict) -> float:
         losses = [self._batch_loss(params, batch, np.int32(index))

@@ -21,6 +21,7 @@ decides it; with one slice the mesh is `jax.make_mesh`'s, as without this.
 from __future__ import annotations
 
 import collections
+import functools
 
 import jax
 import ml_collections
@@ -180,3 +181,15 @@ def global_batches(host_batches, sharding: NamedSharding):
     count, index = jax.process_count(), jax.process_index()
     for i in range(len(host_batches) // count):
         yield host_to_global(host_batches[i * count + index], sharding)
+
+
+def traced_on_mesh(fn, mesh: Mesh):
+    """`fn` traced with `mesh` as JAX's abstract mesh, for `jax.jit`: layers that run a per-device kernel (TPU
+    splash attention, sdjax/models/tpu_attention.py) read it to `shard_map` the kernel over the batch, since
+    XLA cannot partition a custom call. (`jax.set_mesh` would do it from outside jit, for every caller of the
+    compiled function; `use_abstract_mesh` inside the traced function keeps it with the function.)"""
+    @functools.wraps(fn)
+    def on_mesh(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+    return on_mesh

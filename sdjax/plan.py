@@ -32,6 +32,7 @@ from sdjax import models as models_lib
 from sdjax import run_config
 from sdjax import training_setup
 from sdjax import validation
+from sdjax.models import tpu_attention
 from sdjax.roofline import CHIPS, GiB, ChipSpec, executable_cost, local_device_spec, roofline_step_s
 
 
@@ -58,6 +59,11 @@ class Plan:
     mesh: dict | None = None  # axis -> size
     # Cross-slice collectives of the compiled step: kind ("all-reduce", ...) -> [count, bytes per device].
     dcn_collectives: dict | None = None
+    # Splash attention kernel calls in the compiled step, and the FLOPs and bytes counted for them
+    # (tpu_attention.compiled_kernel_costs), included in flops_per_device and bytes_accessed_per_device.
+    attention_kernel_calls: int = 0
+    attention_kernel_flops: float | None = None
+    attention_kernel_bytes: float | None = None
 
 
 def _chip_name(topology: str) -> str | None:
@@ -126,8 +132,14 @@ def _device_spec(topology: str, devices: list, num_slices: int = 1) -> ChipSpec 
     return ChipSpec(spec.hbm_bytes / per_chip, spec.peak_bf16_flops / per_chip, spec.hbm_bytes_per_s / per_chip)
 
 
+# Changes when the same config compiles to another step (2: `auto` runs splash attention on TPU), so plans
+# cached before are not reused.
+STEP_VERSION = 2
+
+
 def _cache_key(config: ml_collections.ConfigDict, topology: str, num_slices: int = 1) -> str:
-    key = {"config": config.to_json_best_effort(sort_keys=True), "topology": topology, "jax": jax.__version__}
+    key = {"config": config.to_json_best_effort(sort_keys=True), "topology": topology, "jax": jax.__version__,
+           "step": STEP_VERSION}
     if num_slices > 1:  # one slice: the key of the plans cached before multislice
         key["num_slices"] = num_slices
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
@@ -198,6 +210,13 @@ def plan_step(config: ml_collections.ConfigDict, topology: str, cache_dir: str |
         plan.dcn_collectives = dcn_collectives(compiled.as_text(), mesh_lib.slice_of_devices(setup.mesh).ravel())
 
     plan.flops_per_device, plan.bytes_accessed_per_device = executable_cost(lowered, compiled, devices)
+    # XLA's cost analysis counts nothing inside a custom call: the attention kernels' are added analytically.
+    calls, kernel_flops, kernel_bytes = tpu_attention.compiled_kernel_costs(compiled.as_text())
+    if calls:
+        plan.attention_kernel_calls, plan.attention_kernel_flops, plan.attention_kernel_bytes = \
+            calls, kernel_flops, kernel_bytes
+        plan.flops_per_device = (plan.flops_per_device or 0.0) + kernel_flops
+        plan.bytes_accessed_per_device = (plan.bytes_accessed_per_device or 0.0) + kernel_bytes
     if spec and plan.flops_per_device:
         plan.roofline_step_s = roofline_step_s(plan.flops_per_device, plan.bytes_accessed_per_device, spec)
         plan.images_per_s_per_device = plan.batch_per_device / plan.roofline_step_s
@@ -412,7 +431,17 @@ def format_table(plans: list[Plan]) -> str:
     lines += ["| " + " | ".join(_row(p)) + " |" for p in plans]
     lines += [f"\n{p.topology} batch/dev {p.batch_per_device}: {p.error}" for p in plans if p.error]
     lines += [f"\n{multislice_summary(p)}" for p in plans if p.num_slices > 1]
+    lines += [f"\nbatch/dev {p.batch_per_device}: {attention_kernel_summary(p)}" for p in plans
+              if p.attention_kernel_calls]
     return "\n".join(lines)
+
+
+def attention_kernel_summary(plan: Plan) -> str:
+    """Where the plan's FLOPs and bytes of the attention kernels come from, in a line."""
+    return (f"TFLOP/dev/step and the roofline include {plan.attention_kernel_calls} splash attention kernel calls, "
+            f"{plan.attention_kernel_flops / 1e12:.3f} TFLOP and {plan.attention_kernel_bytes / GiB:.2f} GiB "
+            "per device, counted analytically (XLA's cost analysis does not see inside them; "
+            "sdjax/models/tpu_attention.py compiled_kernel_costs); the rest is XLA's cost analysis.")
 
 
 def multislice_summary(plan: Plan) -> str:

@@ -101,7 +101,7 @@ class Sampler:
         self.batch_sharding = mesh_lib.batch_sharding(mesh)
         self.data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
         fn = functools.partial(generate, models, config, scheduler, num_steps, self.resolution, self.batch_sharding)
-        self._generate = jax.jit(fn, out_shardings=mesh_lib.replicated(mesh))
+        self._generate = jax.jit(mesh_lib.traced_on_mesh(fn, mesh), out_shardings=mesh_lib.replicated(mesh))
 
     def _global(self, host_array: np.ndarray) -> jax.Array:
         """The same host array on every process -> one global array split over the data-parallel devices."""

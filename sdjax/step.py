@@ -288,7 +288,7 @@ def split_micro_batches(x: jax.Array, grad_accum: int) -> jax.Array:
 def jit_train_step(train_step: Callable, shardings: TrainState, mesh) -> Callable:
     """The step compiled over the mesh: state sharded and donated, batch split over data-parallel devices."""
     return jax.jit(
-        train_step,
+        mesh_lib.traced_on_mesh(train_step, mesh),
         in_shardings=(shardings, mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)),
         out_shardings=(shardings, mesh_lib.replicated(mesh)),
         donate_argnums=0,

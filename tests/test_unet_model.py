@@ -219,8 +219,8 @@ def _down_block(remat: str):
     with `remat`."""
     block = CrossAttnDownBlock2D(
         in_channels=32, out_channels=32, num_layers=1, add_downsample=False, heads=4, transformer_depth=1,
-        use_linear_projection=False, only_cross_attention=False, kernel="default", dropout=0.0, remat=remat,
-        dtype=jnp.float32)
+        use_linear_projection=False, only_cross_attention=False, kernel="default", scan_layers=False, dropout=0.0,
+        remat=remat, dtype=jnp.float32)
     rng = np.random.default_rng(0)
     features, temb = rng.standard_normal((2, 8, 8, 32)), rng.standard_normal((2, 128))
     context = rng.standard_normal((2, _TOKENS, _CROSS))

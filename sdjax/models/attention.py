@@ -1,10 +1,16 @@
 """`model.attention`: which kernel the UNet's attention layers run.
 
-- `auto` (the default): the fastest measured on each platform: `dot_product` on GPU, `per_head` on a CPU
-  that is one JAX device when the layer's scores are too big for its caches (`PER_HEAD_MIN_SCORE_BYTES`),
-  `default` elsewhere (TPU; smaller scores; several emulated CPU devices, where 8 devices' loops over heads
-  on 2 cores ran 3x slower than materialised scores). Chosen when the step is lowered for its
-  devices (`jax.lax.platform_dependent`), so `sdjax plan` on a CPU host gets the TPU choice for a TPU topology.
+- `auto` (the default): per platform: on TPU `flash` for self-attention over at least `FLASH_MIN_TOKENS`
+  tokens, `default` for the rest (cross-attention over the caption's 77 tokens, shorter sequences); on GPU
+  `dot_product`; on a CPU that is one JAX device `per_head` when the layer's scores are too big for its
+  caches (`PER_HEAD_MIN_SCORE_BYTES`), else `default` (smaller scores; several emulated CPU devices, where 8
+  devices' loops over heads on 2 cores ran 3x slower than materialised scores). Chosen when the step is
+  lowered for its devices (`jax.lax.platform_dependent`), so `sdjax plan` on a CPU host gets the TPU choice
+  for a TPU topology.
+- `flash`: JAX's Pallas splash attention (flash attention as a TPU Mosaic kernel; tpu_attention.py) for every
+  self-attention layer, `default` for cross-attention. The scores live a block at a time in the TPU core's
+  VMEM, never whole in HBM, forward and backward. Off TPU it runs in Pallas' interpreter, slowly: a way to
+  test it on CPU, not to train.
 - `default`: attention as written (scores materialised whole, softmax in the compute dtype), as diffusers'
   Flax attention computed it.
 - `memory_efficient`: chunked attention (diffusers' `use_memory_efficient_attention`; ours in
@@ -33,6 +39,8 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+import sdjax.models.tpu_attention as tpu_attention
 
 def fused_attention_kernel(query: jax.Array, key: jax.Array) -> str:
     """cuDNN's flash attention where it takes the shapes (checked on jax 0.11.2 / H200: an odd key length,
@@ -148,13 +156,40 @@ def scores_bytes(query, key) -> int:
     return 4 * batch * heads * queries * key.shape[1]
 
 
+# `auto` runs `flash` on TPU for self-attention over at least this many tokens. Below it the materialised
+# scores are small (1024 tokens, batch 4, 8 heads: 64 MiB of bf16 scores), the kernel's grid has few steps to
+# pipeline and its padding (lengths to a multiple of 128) is a larger share of the work. 1024 is MaxDiffusion's
+# flash_min_seq_length; not timed on a chip here (no TPU on this project's machines): SD's attention levels
+# at 512 px have 4096, 1024, 256 and 64 tokens, so it sends the first two levels to the kernel.
+FLASH_MIN_TOKENS = 1024
+
+
+def is_self_attention(query, key) -> bool:
+    return query.shape[1] == key.shape[1]
+
+
+def flash_kernel(query, key, value, scale):
+    if not is_self_attention(query, key):  # cross-attention: (queries, 77) scores are small
+        return materialized_kernel(query, key, value, scale)
+    return tpu_attention.attention(query, key, value, scale)
+
+
+def _tpu_kernel(query, key, value, scale):
+    """`auto` on TPU: flash for long self-attention whose batch divides the mesh, else materialised."""
+    if (is_self_attention(query, key) and query.shape[1] >= FLASH_MIN_TOKENS
+            and query.shape[0] % tpu_attention.batch_shards() == 0):
+        return tpu_attention.attention(query, key, value, scale, interpret=False)
+    return materialized_kernel(query, key, value, scale)
+
+
 def auto_kernel(query, key, value, scale):
     if jax.default_backend() == "gpu":
         return dot_product_kernel(query, key, value, scale)
     materialized = functools.partial(materialized_kernel, scale=scale)
     per_head = jax.local_device_count("cpu") == 1 and scores_bytes(query, key) >= PER_HEAD_MIN_SCORE_BYTES
     on_cpu = functools.partial(per_head_kernel, scale=scale) if per_head else materialized
-    return jax.lax.platform_dependent(query, key, value, cpu=on_cpu, default=materialized)
+    return jax.lax.platform_dependent(query, key, value, cpu=on_cpu, tpu=functools.partial(_tpu_kernel, scale=scale),
+                                      default=materialized)
 
 
 # diffusers' jax_memory_efficient_attention defaults: the scores held at once are (query chunk, key chunk) per
@@ -221,4 +256,5 @@ KERNELS = {
     "memory_efficient": memory_efficient_kernel,
     "dot_product": dot_product_kernel,
     "per_head": per_head_kernel,
+    "flash": flash_kernel,
 }
