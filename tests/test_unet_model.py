@@ -319,7 +319,7 @@ def test_from_config_refuses_what_it_cannot_compute(key, value):
 
 
 @pytest.mark.parametrize("fields, message", [({"num_attention_heads": 8}, "num_attention_heads"),
-                                             ({"attention": "flash"}, "model.attention"),
+                                             ({"attention": "splash"}, "model.attention"),
                                              ({"remat": "some"}, "train.remat"),
                                              ({"attention": "per_head", "use_memory_efficient_attention": True},
                                               "use_memory_efficient_attention")])
