@@ -144,10 +144,12 @@ class _AttentionBlock(_Block):
     scan_layers: bool
 
     def transformer(self, channels: int, name: str) -> nn.Module:
-        return rematerialized(Transformer2DModel, self.remat)(
+        # A scanned stack is rematerialised a layer at a time inside its scan (Transformer2DModel), not whole.
+        scanned = self.scan_layers and self.transformer_depth > 1
+        return rematerialized(Transformer2DModel, "none" if scanned else self.remat)(
             channels, self.heads, channels // self.heads, self.transformer_depth, self.dropout,
             self.use_linear_projection, self.only_cross_attention, self.kernel, self.dtype, self.scan_layers,
-            name=name)
+            self.remat if scanned else "none", name=name)
 
 
 class DownBlock2D(_Block):
