@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from sdjax import hlo_text as hlo_lib
 from sdjax import libtpu_host
 from sdjax import mesh as mesh_lib
 from sdjax import models as models_lib
@@ -33,7 +34,7 @@ from sdjax import run_config
 from sdjax import training_setup
 from sdjax import validation
 from sdjax.models import tpu_attention
-from sdjax.roofline import CHIPS, GiB, ChipSpec, executable_cost, local_device_spec, roofline_step_s
+from sdjax.roofline import CHIPS, GiB, ChipSpec, local_device_spec, roofline_step_s, step_cost
 
 
 @dataclasses.dataclass
@@ -64,6 +65,12 @@ class Plan:
     attention_kernel_calls: int = 0
     attention_kernel_flops: float | None = None
     attention_kernel_bytes: float | None = None
+    # Loops in the compiled step that run more than once (scanned layers), and their bodies' repeats, which
+    # XLA's cost analysis counts once (sdjax/hlo_text.py), included in flops_per_device and
+    # bytes_accessed_per_device.
+    loops: int = 0
+    loop_flops: float | None = None
+    loop_bytes: float | None = None
 
 
 def _chip_name(topology: str) -> str | None:
@@ -159,8 +166,12 @@ def _load(cache_path: str | None) -> Plan | None:
 
 def cached_plan(config: ml_collections.ConfigDict, topology: str, cache_dir: str | None,
                 num_slices: int = 1) -> Plan | None:
-    """The plan of this config on this topology if an earlier `plan_step` cached it (no compile)."""
-    return _load(_cache_path(config, topology, cache_dir, num_slices))
+    """The plan of this config on this topology if an earlier `plan_step` cached it (no compile). A scanned
+    step's plan cached before loops were counted (its FLOPs a loop body's once) is compiled again."""
+    plan = _load(_cache_path(config, topology, cache_dir, num_slices))
+    if plan is not None and plan.fits and config.model.get("scan_layers", False) and not plan.loops:
+        return None
+    return plan
 
 
 def plan_step(config: ml_collections.ConfigDict, topology: str, cache_dir: str | None = None,
@@ -209,7 +220,10 @@ def plan_step(config: ml_collections.ConfigDict, topology: str, cache_dir: str |
     if num_slices > 1:
         plan.dcn_collectives = dcn_collectives(compiled.as_text(), mesh_lib.slice_of_devices(setup.mesh).ravel())
 
-    plan.flops_per_device, plan.bytes_accessed_per_device = executable_cost(lowered, compiled, devices)
+    cost = step_cost(lowered, compiled, devices)
+    plan.flops_per_device, plan.bytes_accessed_per_device = cost.flops, cost.bytes_accessed
+    if cost.loops.loops:
+        plan.loops, plan.loop_flops, plan.loop_bytes = cost.loops.loops, cost.loops.extra_flops, cost.loops.extra_bytes
     # XLA's cost analysis counts nothing inside a custom call: the attention kernels' are added analytically.
     calls, kernel_flops, kernel_bytes = tpu_attention.compiled_kernel_costs(compiled.as_text())
     if calls:
@@ -248,18 +262,10 @@ def planned_batch(setup: training_setup.TrainingSetup) -> dict:
     return batch
 
 
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
-                "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16}
-_ARRAY = re.compile(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\]")
 _COLLECTIVE = re.compile(r"=\s*(.*?)\s(all-reduce|all-gather|reduce-scatter|all-to-all)(?:-start)?\(")
 # libtpu compiles a multislice program per slice: its cross-slice collectives are host transfers to the
 # megascale (DCN) runtime, a send and a recv each, named by the attributes below.
 _MEGASCALE_SEND = re.compile(r"=\s*\(?(.*?)\ssend\(.*_xla_megascale_transfer_type=\"(\w+)\"")
-
-
-def _array_bytes(shapes: str) -> int:
-    return sum(_DTYPE_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
-               for dtype, dims in _ARRAY.findall(shapes) if dtype in _DTYPE_BYTES)
 
 
 def _replica_groups(line: str) -> list[list[int]] | None:
@@ -293,14 +299,14 @@ def dcn_collectives(hlo_text: str, slice_of_device: np.ndarray) -> dict[str, lis
         send = _MEGASCALE_SEND.search(line) if "_xla_megascale_transfer_type" in line else None
         if send:
             # (the payload, a u32 context, a token): the payload's bytes
-            payload = _ARRAY.search(send.group(1))
-            add(send.group(2).lower().replace("_", "-"), _array_bytes(payload.group(0)) if payload else 0)
+            payload = hlo_lib.ARRAY.search(send.group(1))
+            add(send.group(2).lower().replace("_", "-"), hlo_lib.array_bytes(payload.group(0)) if payload else 0)
             continue
         collective = _COLLECTIVE.search(line)
         if collective:
             groups = _replica_groups(line)
             if groups and any(len({int(slice_of_device[i]) for i in group}) > 1 for group in groups):
-                add(collective.group(2), _array_bytes(collective.group(1)))
+                add(collective.group(2), hlo_lib.array_bytes(collective.group(1)))
     return found
 
 
@@ -433,7 +439,16 @@ def format_table(plans: list[Plan]) -> str:
     lines += [f"\n{multislice_summary(p)}" for p in plans if p.num_slices > 1]
     lines += [f"\nbatch/dev {p.batch_per_device}: {attention_kernel_summary(p)}" for p in plans
               if p.attention_kernel_calls]
+    lines += [f"\nbatch/dev {p.batch_per_device}: {loop_summary(p)}" for p in plans if p.loops]
     return "\n".join(lines)
+
+
+def loop_summary(plan: Plan) -> str:
+    """Where the plan's FLOPs and bytes of repeated loop bodies (scanned layers) come from, in a line."""
+    return (f"TFLOP/dev/step and the roofline include {plan.loop_flops / 1e12:.3f} TFLOP and "
+            f"{plan.loop_bytes / GiB:.2f} GiB per device of {plan.loops} loops' repeated bodies (scanned layers), "
+            "counted from the compiled program's text: XLA's cost analysis counts a loop body once "
+            "(sdjax/hlo_text.py).")
 
 
 def attention_kernel_summary(plan: Plan) -> str:

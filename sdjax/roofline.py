@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from sdjax import hlo_text
+
 GiB = 2**30
 
 
@@ -56,19 +58,43 @@ def _cost_analysis(stage) -> tuple[float | None, float | None]:
     return float(cost.get("flops", 0.0)) or None, float(cost.get("bytes accessed", 0.0)) or None
 
 
-def executable_cost(lowered, compiled, devices) -> tuple[float | None, float | None]:
-    """(FLOPs, bytes accessed) per device of a step `lowered` and then `compiled` for `devices`, from XLA's
-    cost analysis of the compiled program. On GPUs the FLOPs come from the program as written instead (the
-    lowered one, global, split evenly over the devices): XLA:GPU's analysis of the compiled program counts
-    nothing inside the cuDNN and cuBLAS calls its convolutions and matmuls become (the SD 1.5 step, batch 8,
-    on one H200: 0.87 TFLOP compiled, 24.9 TFLOP as written; the CPU and TPU compilers count them). cuDNN's
-    flash attention is a call in the program as written too, so with `model.attention=auto` the figure leaves
-    out the self-attention (by its arithmetic, about 3 of SD 1.5's 24.9 TFLOP at batch 8): a floor."""
+@dataclasses.dataclass(frozen=True)
+class StepCost:
+    flops: float | None  # per device
+    bytes_accessed: float | None  # per device
+    loops: hlo_text.LoopCosts  # the loop repeats added to XLA's analysis (included above)
+
+
+def step_cost(lowered, compiled, devices) -> StepCost:
+    """FLOPs and bytes accessed per device of a step `lowered` and then `compiled` for `devices`, from XLA's
+    cost analysis of the compiled program, plus what that analysis leaves out of loops: it counts a `while`
+    body once, so a step with scanned layers (`model.scan_layers`) gets its bodies' repeats added from the
+    compiled program's text (sdjax/hlo_text.py: matmul/convolution FLOPs, HBM bytes).
+
+    On GPUs the FLOPs come from the program as written instead (the lowered one, global, split evenly over the
+    devices): XLA:GPU's analysis of the compiled program counts nothing inside the cuDNN and cuBLAS calls its
+    convolutions and matmuls become (the SD 1.5 step, batch 8, on one H200: 0.87 TFLOP compiled, 24.9 TFLOP
+    as written; the CPU and TPU compilers count them). cuDNN's flash attention is a call in the program as
+    written too, so with `model.attention=auto` the figure leaves out the self-attention (by its arithmetic,
+    about 3 of SD 1.5's 24.9 TFLOP at batch 8): a floor, and with scanned layers a lower one."""
     flops, bytes_accessed = _cost_analysis(compiled)
+    loops = hlo_text.LoopCosts(0, 0.0, 0.0)
+    if hasattr(compiled, "as_text"):
+        loops = hlo_text.uncounted_loop_costs(compiled.as_text())
+    if flops is not None and loops.loops:
+        flops += loops.extra_flops
+    if bytes_accessed is not None and loops.loops:
+        bytes_accessed += loops.extra_bytes
     if devices[0].platform == "gpu":
         flops_as_written, _ = _cost_analysis(lowered)
         flops = flops_as_written / len(devices) if flops_as_written else flops
-    return flops, bytes_accessed
+    return StepCost(flops, bytes_accessed, loops)
+
+
+def executable_cost(lowered, compiled, devices) -> tuple[float | None, float | None]:
+    """(FLOPs, bytes accessed) per device of a compiled step: `step_cost`'s."""
+    cost = step_cost(lowered, compiled, devices)
+    return cost.flops, cost.bytes_accessed
 
 
 def roofline_step_s(flops: float, bytes_accessed: float | None, spec: ChipSpec) -> float:

@@ -38,6 +38,8 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
 from jax.sharding import PartitionSpec as P
 
+from sdjax import hlo_text as hlo_lib
+
 LANES = 128  # a TPU vreg's lane count: splash's head dim and block sizes are multiples of it
 
 # The largest block tried for queries and keys. Bigger blocks mean fewer grid steps (each has a fixed
@@ -227,7 +229,7 @@ def compiled_kernel_costs(hlo_text: str) -> tuple[int, float, float]:
     d_out v^T and ds k: 6. Bytes as `attention_cost`: each tensor read or written once, plus the fused
     kernel's partial dq written and read back."""
     calls, flops, nbytes = 0, 0.0, 0.0
-    for line in hlo_text.splitlines():
+    for line, runs in hlo_lib.lines_with_executions(hlo_text):  # a call inside a loop (scan) runs per trip
         if 'custom_call_target="tpu_custom_call"' not in line or not (call := _SPLASH_CALL.search(line)):
             continue
         kind = call.group(1)
@@ -238,8 +240,8 @@ def compiled_kernel_costs(hlo_text: str) -> tuple[int, float, float]:
             continue
         dtype, dims = outputs[0] if kind == "fwd" else outputs[-1]
         heads, (length, dim) = int(np.prod(dims[:-2])), dims[-2:]
-        matmul = 2.0 * heads * length * length * dim
-        tensor = heads * length * dim * _DTYPE_BYTES[dtype]
+        matmul = 2.0 * heads * length * length * dim * runs
+        tensor = heads * length * dim * _DTYPE_BYTES[dtype] * runs
         if kind == "fwd":
             flops, nbytes = flops + 2 * matmul, nbytes + 4 * tensor
         elif kind == "dkv":
@@ -249,5 +251,5 @@ def compiled_kernel_costs(hlo_text: str) -> tuple[int, float, float]:
             nbytes += 7 * tensor + 2 * kv_blocks * tensor
         else:
             flops, nbytes = flops + 3 * matmul, nbytes + 6 * tensor
-        calls += 1
+        calls += runs
     return calls, flops, nbytes
