@@ -1,6 +1,7 @@
 """Each benchmark script runs end to end for one short iteration, so the scripts keep working. Their figures
 are measured on purpose-built runs (docs/benchmarks.md), never asserted here: only that each prints its table
-with a number in every row."""
+with a number in every row. The four that train or compile a step (8-10 minutes of the suite's 2-core budget)
+are marked `smoke` and left out of the default run: `python -m pytest -m smoke` runs them."""
 
 import os
 import re
@@ -11,7 +12,6 @@ import pytest
 from tiny import FAST_COMPILE_FLAGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-pytestmark = pytest.mark.smoke
 
 
 def run_benchmark(script: str, *args: str, timeout: int = 600) -> str:
@@ -33,6 +33,7 @@ def assert_measured(rows: list[list[str]], names: list[str], column: int = 1) ->
         assert re.fullmatch(r"[0-9.]+", row[column]), row  # a number, not "failed: ..."
 
 
+@pytest.mark.smoke
 def test_train_step_benchmark_compares_the_three_trainers(tmp_path):
     variants = ["sdjax-fp32-1dev", "flax-example-fp32", "torch-fp32", "sdjax-noattn-fp32-1dev"]
     output = run_benchmark("train_step.py", "--variants", ",".join(variants), "--repeats", "1",
@@ -42,6 +43,7 @@ def test_train_step_benchmark_compares_the_three_trainers(tmp_path):
     assert os.listdir(tmp_path / "xla")  # the sdjax variants compiled into the persistent cache
 
 
+@pytest.mark.smoke
 def test_gpu_train_step_benchmark_runs_on_cpu_with_a_small_config():
     variants = ["sdjax-auto"]  # its torch variants share step_runners.torch_runner with train_step.py's
     output = run_benchmark("gpu_train_step.py", "--config", os.path.join(ROOT, "configs", "demo.py"),
@@ -49,6 +51,7 @@ def test_gpu_train_step_benchmark_runs_on_cpu_with_a_small_config():
     assert_measured(table_rows(output), variants)
 
 
+@pytest.mark.smoke
 def test_startup_benchmark_times_a_cold_and_a_warm_start():
     output = run_benchmark("startup.py", "--warm-runs", "1", "--", "--config.data.resolution=16",
                            "--config.data.demo_num_examples=16", "--config.train.batch_size=8",
@@ -60,6 +63,7 @@ def test_startup_benchmark_times_a_cold_and_a_warm_start():
     assert all(float(row[1]) > 0 for row in rows)
 
 
+@pytest.mark.smoke
 def test_memory_settings_benchmark_compiles_the_baseline():
     output = run_benchmark("memory_settings.py", "--config", "configs/demo.py", "--topology", "cpu:8",
                            "--only", "baseline", "--resolution", "16")
