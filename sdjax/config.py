@@ -135,6 +135,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.compilation_cache_dir = "~/.cache/sdjax/xla"  # XLA's persistent cache; "" disables it
     c.train.remat = "none"  # UNet activations recomputed in the backward pass: | "minimal" | "full" (less memory)
     c.train.grad_accum = 1  # micro-batches per step (same update, 1/grad_accum of the activation memory)
+    # The frozen VAE encodes each (micro-)batch's images in this many parts in sequence (`lax.map`), each part
+    # taken from every device's examples: same latents, 1/vae_encode_chunks of the VAE's full-resolution
+    # activations, the step's largest buffers at large batches (SD 1.5, 512 px: about 0.24 GiB an image).
+    c.train.vae_encode_chunks = 1
     c.train.checkpoint_every = 1000  # steps between (async) checkpoints; also saved at the end and on SIGTERM
     c.train.keep_checkpoints = 3  # the newest checkpoints kept; older ones are deleted
     c.train.keep_checkpoint_every = 0  # also keep every checkpoint whose step is a multiple of this; 0: none

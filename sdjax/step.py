@@ -162,13 +162,15 @@ def make_example_losses(models: models_lib.Models, config: ml_collections.Config
     prediction_type = config.diffusion.prediction_type
     num_timesteps = config.diffusion.num_train_timesteps
     loss = config.loss
+    vae_encode_chunks = config.train.get("vae_encode_chunks", 1)
 
     def example_losses(params, batch, example_rngs):
         latent_rngs, noise_rngs, time_rngs = jax.vmap(lambda k: tuple(jax.random.split(k, 3)))(example_rngs)
         if "latent_mean" in batch:  # from the latent cache (sdjax/data/latent_cache.py): the VAE already ran
             latent_mean, latent_std = batch["latent_mean"], batch["latent_std"]
         else:
-            latent_mean, latent_std = models_lib.image_latent_moments(models, params["vae"], batch["pixel_values"])
+            latent_mean, latent_std = image_latent_moments_in_chunks(models, params["vae"], batch["pixel_values"],
+                                                                     vae_encode_chunks)
         latents = jax.vmap(lambda mean, std, k: models_lib.sample_latents(models, mean[None], std[None], k)[0])(
             latent_mean, latent_std, latent_rngs)
         if "encoder_hidden_states" in batch:  # cached text states (data.cache_text_states): the encoders already ran
@@ -189,6 +191,19 @@ def make_example_losses(models: models_lib.Models, config: ml_collections.Config
         return losses
 
     return example_losses
+
+
+def image_latent_moments_in_chunks(models: models_lib.Models, vae_params, pixel_values: jax.Array,
+                                  chunks: int) -> tuple[jax.Array, jax.Array]:
+    """The frozen VAE's posterior moments of a batch, encoded in `chunks` equal parts in sequence (`lax.map`;
+    `train.vae_encode_chunks`). Each part takes the same share of every device's examples
+    (`split_micro_batches`), so no data moves and every device encodes in every part; only one part's
+    full-resolution activations are alive at a time. The moments are the same as encoding all at once."""
+    if chunks == 1:
+        return models_lib.image_latent_moments(models, vae_params, pixel_values)
+    parts = split_micro_batches(pixel_values, chunks)
+    moments = jax.lax.map(lambda part: models_lib.image_latent_moments(models, vae_params, part), parts)
+    return jax.tree.map(lambda x: merge_micro_batches(x, chunks), moments)
 
 
 def cached_conditioning(models: models_lib.Models, batch: dict) -> dict[str, jax.Array]:
@@ -283,6 +298,11 @@ def split_micro_batches(x: jax.Array, grad_accum: int) -> jax.Array:
     """
     strided = x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:])
     return jnp.swapaxes(strided, 0, 1)
+
+
+def merge_micro_batches(x: jax.Array, parts: int) -> jax.Array:
+    """The inverse of `split_micro_batches`: [parts, B / parts, ...] -> [B, ...] in the batch's order."""
+    return jnp.swapaxes(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
 def jit_train_step(train_step: Callable, shardings: TrainState, mesh) -> Callable:

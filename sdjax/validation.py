@@ -103,6 +103,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
         raise ConfigError("train.grad_accum", config.train.grad_accum,
                           f"expected a divisor of the per-device batch (train.batch_size / data-parallel devices "
                           f"= {config.train.batch_size} / {data_parallel} = {per_device_batch})")
+    chunks = config.train.get("vae_encode_chunks", 1)
+    if chunks < 1 or (per_device_batch // config.train.grad_accum) % chunks:
+        raise ConfigError("train.vae_encode_chunks", chunks,
+                          f"expected a divisor of the per-device (micro-)batch (train.batch_size / data-parallel "
+                          f"devices / train.grad_accum = {config.train.batch_size} / {data_parallel} / "
+                          f"{config.train.grad_accum} = {per_device_batch // config.train.grad_accum})")
 
 
 def _validate_sampling(config: ml_collections.ConfigDict) -> None:

@@ -71,6 +71,16 @@ def test_grad_accumulation_gives_same_loss_and_update_as_whole_batch(setup, refe
     _assert_same_step(_one_step(setup, grad_accum=2), reference)
 
 
+def test_vae_encode_chunks_give_same_loss_and_update(setup, reference):
+    # The frozen VAE encodes the batch in 2 parts in sequence: the same latents, so the same step.
+    _assert_same_step(_one_step(setup, vae_encode_chunks=2), reference)
+
+
+def test_merge_micro_batches_undoes_the_split():
+    x = np.arange(16 * 3).reshape(16, 3)
+    np.testing.assert_array_equal(step_lib.merge_micro_batches(step_lib.split_micro_batches(x, 4), 4), x)
+
+
 def test_remat_recomputes_inside_unet_blocks(tiny_config):
     """train.remat really wraps the blocks: one remat per ResNet/Transformer block in the gradient."""
     params = models_lib.param_shapes(models_lib.build_models(tiny_config), tiny_config)["unet"]
@@ -184,6 +194,7 @@ def test_cudnn_flash_attention_only_where_cudnn_takes_the_shapes(monkeypatch):
 @pytest.mark.parametrize("key,value,message", [
     ("grad_accum", 3, "divisor of the per-device batch .* = 16 / 8 = 2"),
     ("grad_accum", 0, "train.grad_accum=0"),
+    ("vae_encode_chunks", 4, r"divisor of the per-device \(micro-\)batch .* = 16 / 8 / 1 = 2"),
     ("remat", "everything", r"\['none', 'minimal', 'full'\]"),
 ])
 def test_bad_memory_settings_are_named(tiny_config, key, value, message):
