@@ -36,6 +36,11 @@ def base_config() -> ml_collections.ConfigDict:
     # "flash" (Pallas splash attention on TPU; `auto` picks it there for long self-attention); see
     # sdjax/models/attention.py
     c.model.attention = "auto"
+    # Splash attention (`flash`, and `auto` on TPU): the largest block of queries/keys (a multiple of 128;
+    # blocks are chosen per sequence length up to it, sdjax/models/tpu_attention.py), and the self-attention
+    # length from which `auto` runs the kernel on TPU (shorter ones and cross-attention stay with XLA).
+    c.model.flash_block_size = 512
+    c.model.flash_min_tokens = 1024
     # Run SDXL's transformer stacks (2 and 10 deep) and the CLIP text encoders' layers as one `nn.scan` each,
     # so the compiler sees one layer, not ten (MaxText's name). Same computation; the params of a scanned
     # stack are stored stacked (sdjax/models/layer_stacks.py), so a checkpoint resumes only with the setting it

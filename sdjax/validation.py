@@ -44,6 +44,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     _choice(config, "optimizer.name", OPTIMIZERS)
     _choice(config, "optimizer.decay", DECAYS)
     _choice(config, "model.attention", ATTENTIONS)
+    block = config.model.get("flash_block_size", 512)
+    if not isinstance(block, int) or block < 128 or block % 128:
+        raise ConfigError("model.flash_block_size", block, "expected a multiple of 128 (a TPU vreg's lanes), "
+                          "e.g. 512 (the default) or 256")
+    min_tokens = config.model.get("flash_min_tokens", 1024)
+    if not isinstance(min_tokens, int) or min_tokens < 0:
+        raise ConfigError("model.flash_min_tokens", min_tokens,
+                          "expected a number of tokens >= 0 (1024: SD's two top attention levels at 512 px)")
     _choice(config, "train.remat", REMAT_POLICIES)
     _choice(config, "sample.scheduler", SCHEDULERS)
     _choice(config, "train.stage", STAGES)

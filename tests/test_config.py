@@ -35,6 +35,8 @@ def test_tiny_and_demo_configs_are_valid(tiny_config):
     ("model.unet.cross_attention_dim", 32, "text encoder's hidden_size (64)"),
     ("model.text_encoder.vocab_size", 100, "tokenizer's"),
     ("model.unet.block_out_channels", (32, 48), "multiple of 32"),
+    ("model.flash_block_size", 200, "multiple of 128"),
+    ("model.flash_min_tokens", -1, "number of tokens >= 0"),
 ])
 def test_bad_value_names_key_value_and_allowed(tiny_config, key, value, expected):
     group, _, name = key.rpartition(".")

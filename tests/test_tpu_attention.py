@@ -103,6 +103,18 @@ def test_block_sizes_pad_at_most_to_the_next_128():
     assert (sizes.block_q, sizes.block_kv, sizes.block_q_dkv, sizes.use_fused_bwd_kernel) == (512, 512, 512, True)
     separate = tpu_attention.block_sizes_for(4096, 4096, 40, fused_backward=False)
     assert separate.has_backward_blocks and separate.block_q_dq == 512
+    # model.flash_block_size caps them: 256 -> 4096 tokens in 256 blocks, 2304 in 256 (not 384).
+    capped = tpu_attention.block_sizes_for(4096, 4096, 40, max_block=256)
+    assert (capped.block_q, capped.block_kv, capped.block_q_dkv) == (256, 256, 256)
+    assert tpu_attention._block_for(2304, 256) == 256 and tpu_attention._block_for(640, 256) == 128
+
+
+def test_a_capped_block_size_computes_the_same_attention():
+    # model.flash_block_size=128 on 512 tokens: 4 query x 4 key blocks instead of one, same result.
+    query, key, value, _ = _inputs((1, 512, 2, 40), 512, jnp.float32)
+    want = materialized_kernel(query, key, value, 0.2)
+    got = attention.Kernel("flash", max_block=128)(query, key, value, 0.2)
+    np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_flash_and_auto_choose_by_shape_off_tpu():
@@ -192,6 +204,9 @@ def test_compiles_for_tpu_forward_and_backward():
         for query, key, want in ((long, long, True), (long, captions, False), (short, short, False)):
             lowered = jax.jit(attention.auto_kernel, static_argnums=3).lower(query, key, key, 0.1)
             assert ("tpu_custom_call" in lowered.as_text()) == want
+        # model.flash_min_tokens=256 sends the 256-token self-attention to the kernel too.
+        lowered = jax.jit(attention.Kernel("auto", min_tokens=256), static_argnums=3).lower(short, short, short, 0.1)
+        assert "tpu_custom_call" in lowered.as_text()
 
 
 def test_a_unet_with_flash_attention_computes_the_materialized_loss_and_gradients():

@@ -144,7 +144,8 @@ def build_models(config: ml_collections.ConfigDict) -> Models:
     # stacked (layer_stacks.py); .get: configs saved before the key existed.
     scan_layers = bool(config.model.get("scan_layers", False))
     unet_options = dict(dtype=dtype, attention=config.model.attention, remat=config.train.remat,
-                        scan_layers=scan_layers)
+                        scan_layers=scan_layers, flash_block_size=config.model.get("flash_block_size", 512),
+                        flash_min_tokens=config.model.get("flash_min_tokens", 1024))
     text_cfg_2 = None
     if config.model.pretrained:
         root = _pretrained_dir(config)

@@ -34,6 +34,7 @@ same whichever runs.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -168,28 +169,30 @@ def is_self_attention(query, key) -> bool:
     return query.shape[1] == key.shape[1]
 
 
-def flash_kernel(query, key, value, scale):
+def flash_kernel(query, key, value, scale, max_block: int = tpu_attention.MAX_BLOCK):
     if not is_self_attention(query, key):  # cross-attention: (queries, 77) scores are small
         return materialized_kernel(query, key, value, scale)
-    return tpu_attention.attention(query, key, value, scale)
+    return tpu_attention.attention(query, key, value, scale, max_block=max_block)
 
 
-def _tpu_kernel(query, key, value, scale):
+def _tpu_kernel(query, key, value, scale, max_block: int = tpu_attention.MAX_BLOCK,
+                min_tokens: int = FLASH_MIN_TOKENS):
     """`auto` on TPU: flash for long self-attention whose batch divides the mesh, else materialised."""
-    if (is_self_attention(query, key) and query.shape[1] >= FLASH_MIN_TOKENS
+    if (is_self_attention(query, key) and query.shape[1] >= min_tokens
             and query.shape[0] % tpu_attention.batch_shards() == 0):
-        return tpu_attention.attention(query, key, value, scale, interpret=False)
+        return tpu_attention.attention(query, key, value, scale, interpret=False, max_block=max_block)
     return materialized_kernel(query, key, value, scale)
 
 
-def auto_kernel(query, key, value, scale):
+def auto_kernel(query, key, value, scale, max_block: int = tpu_attention.MAX_BLOCK,
+                min_tokens: int = FLASH_MIN_TOKENS):
     if jax.default_backend() == "gpu":
         return dot_product_kernel(query, key, value, scale)
     materialized = functools.partial(materialized_kernel, scale=scale)
     per_head = jax.local_device_count("cpu") == 1 and scores_bytes(query, key) >= PER_HEAD_MIN_SCORE_BYTES
     on_cpu = functools.partial(per_head_kernel, scale=scale) if per_head else materialized
-    return jax.lax.platform_dependent(query, key, value, cpu=on_cpu, tpu=functools.partial(_tpu_kernel, scale=scale),
-                                      default=materialized)
+    on_tpu = functools.partial(_tpu_kernel, scale=scale, max_block=max_block, min_tokens=min_tokens)
+    return jax.lax.platform_dependent(query, key, value, cpu=on_cpu, tpu=on_tpu, default=materialized)
 
 
 # diffusers' jax_memory_efficient_attention defaults: the scores held at once are (query chunk, key chunk) per
@@ -247,6 +250,28 @@ def memory_efficient_kernel(query, key, value, scale, query_chunk: int = QUERY_C
 
     attended = jax.lax.map(attend, queries)  # (query chunks, batch, query_chunk, heads, dim_head)
     return jnp.swapaxes(attended, 0, 1).reshape(batch, -1, heads, dim_head)[:, :query_length]
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """`model.attention`'s kernel with the splash settings `flash` and `auto` take: `max_block`, the largest
+    splash block (`model.flash_block_size`; blocks are chosen per length up to it, tpu_attention.py), and
+    `min_tokens`, `auto`'s threshold for the kernel on TPU (`model.flash_min_tokens`). Hashable, so the UNet's
+    modules carry it as a field; a bare name means the defaults."""
+    name: str
+    max_block: int = tpu_attention.MAX_BLOCK
+    min_tokens: int = FLASH_MIN_TOKENS
+
+    def __call__(self, query, key, value, scale):
+        if self.name == "flash":
+            return flash_kernel(query, key, value, scale, max_block=self.max_block)
+        if self.name == "auto":
+            return auto_kernel(query, key, value, scale, max_block=self.max_block, min_tokens=self.min_tokens)
+        return KERNELS[self.name](query, key, value, scale)
+
+
+def as_kernel(kernel: str | Kernel) -> Kernel:
+    return kernel if isinstance(kernel, Kernel) else Kernel(kernel)
 
 
 # model.attention -> kernel (the values of config.ATTENTIONS; described at the top of this file).

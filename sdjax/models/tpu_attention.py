@@ -56,15 +56,16 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _block_for(length: int) -> int:
-    """The block for a sequence: the largest multiple of 128 up to MAX_BLOCK that divides the length rounded up
-    to 128. So the padding is never more than 127 tokens (4096 -> 512 blocks; 576 tokens, SD 2.x's 768 px at
+def _block_for(length: int, max_block: int = MAX_BLOCK) -> int:
+    """The block for a sequence: the largest multiple of 128 up to `max_block` (MAX_BLOCK, or
+    `model.flash_block_size`) that divides the length rounded up to 128. So the padding is never more than 127 tokens (4096 -> 512 blocks; 576 tokens, SD 2.x's 768 px at
     its second level, -> 640 in 128 blocks rather than 1024 in 512 blocks, 78% more work)."""
     padded = _round_up(length, LANES)
-    return next(b for b in range(min(MAX_BLOCK, padded), 0, -LANES) if padded % b == 0)
+    return next(b for b in range(min(max_block, padded), 0, -LANES) if padded % b == 0)
 
 
-def block_sizes_for(q_len: int, kv_len: int, head_dim: int, *, fused_backward: bool = True) -> splash.BlockSizes:
+def block_sizes_for(q_len: int, kv_len: int, head_dim: int, *, fused_backward: bool = True,
+                    max_block: int = MAX_BLOCK) -> splash.BlockSizes:
     """Splash's block sizes for these (unpadded) lengths: `_block_for` each, the same for the backward pass.
 
     `fused_backward`: dq computed in the dk/dv kernel (one recomputation of the scores in the backward pass, 5
@@ -76,7 +77,7 @@ def block_sizes_for(q_len: int, kv_len: int, head_dim: int, *, fused_backward: b
     Fused by default for its 28% fewer FLOPs; pass False where the HBM matters more. The head dim does not change the
     choice at SD's sizes (<= 256 after padding), it is taken so that callers need not change when it does."""
     del head_dim
-    block_q, block_kv = _block_for(q_len), _block_for(kv_len)
+    block_q, block_kv = _block_for(q_len, max_block), _block_for(kv_len, max_block)
     backward = {"block_q_dkv": block_q, "block_kv_dkv": block_kv, "block_kv_dkv_compute": block_kv}
     if not fused_backward:
         backward.update(block_q_dq=block_q, block_kv_dq=block_kv)
@@ -108,18 +109,18 @@ def _heads_first(x: jax.Array) -> jax.Array:  # (batch, len, heads, d) <-> (batc
 
 
 def splash_kernel(query, key, value, scale, *, block_sizes: splash.BlockSizes | None = None,
-                  interpret: bool = False):
+                  interpret: bool = False, max_block: int = MAX_BLOCK):
     """Splash attention in the UNet kernels' interface: (batch, length, heads, dim_head) in and out, any
     lengths and head dim (padded as the module docstring says), in the input dtype (bf16 or f32; the kernel's
     softmax statistics and accumulators are f32 either way). Differentiable: splash's custom VJP, flash
     attention's backward pass.
 
-    `block_sizes`: splash's, for the padded lengths (default `block_sizes_for`). `interpret`: run the kernel
+    `block_sizes`: splash's, for the padded lengths (default `block_sizes_for` up to `max_block`). `interpret`: run the kernel
     with Pallas' interpreter (any backend, e.g. CPU in the tests) instead of compiling it with Mosaic (TPU)."""
     _, q_len, heads, dim = query.shape
     kv_len = key.shape[1]
     if block_sizes is None:
-        block_sizes = block_sizes_for(q_len, kv_len, dim)
+        block_sizes = block_sizes_for(q_len, kv_len, dim, max_block=max_block)
     q_padded = _round_up(q_len, block_sizes.block_q)
     kv_padded = _round_up(kv_len, block_sizes.block_kv)
     dim_padded = _round_up(dim, LANES)
@@ -147,7 +148,7 @@ def batch_shards() -> int:
 
 
 def attention(query, key, value, scale, *, block_sizes: splash.BlockSizes | None = None,
-              interpret: bool | None = None):
+              interpret: bool | None = None, max_block: int = MAX_BLOCK):
     """`splash_kernel` where the step runs: under `jax.set_mesh(mesh)` (a non-empty abstract mesh), each device
     runs the kernel on its own batch shard (`jax.shard_map`; the batch is sharded over ("data", "fsdp"), heads
     and lengths are whole on every device), since a Mosaic custom call cannot be partitioned by XLA's SPMD
@@ -159,7 +160,8 @@ def attention(query, key, value, scale, *, block_sizes: splash.BlockSizes | None
 
     Raises ValueError when the mesh's batch axes do not divide the batch."""
     def splash_on(interpret: bool):
-        return functools.partial(splash_kernel, scale=scale, block_sizes=block_sizes, interpret=interpret)
+        return functools.partial(splash_kernel, scale=scale, block_sizes=block_sizes, interpret=interpret,
+                                 max_block=max_block)
 
     if interpret is None:
         def run(query, key, value):

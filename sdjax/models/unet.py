@@ -3,8 +3,8 @@
 It takes the fields of diffusers 0.39's `FlaxUNet2DConditionModel` and has its parameter tree (same names,
 same shapes), so checkpoints, weight converters (pytorch_weights.py, pytorch_export.py), LoRA targets and
 sharding rules are unchanged; it computes what diffusers' PyTorch `UNet2DConditionModel` computes (tests/
-test_unet_model.py checks both). Three fields more: `attention`, the kernel of its attention layers
-(`model.attention`), `remat`, which blocks are recomputed in the backward pass (`train.remat`), and
+test_unet_model.py checks both). Fields of its own: `attention`, the kernel of its attention layers
+(`model.attention`, with splash's `flash_block_size` and `flash_min_tokens`), `remat`, which blocks are recomputed in the backward pass (`train.remat`), and
 `scan_layers`, whether deeper transformer stacks run as one `nn.scan` (`model.scan_layers`; their parameters
 are then stacked: sdjax/models/layer_stacks.py).
 
@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sdjax.models import attention as attention_lib
 from sdjax.models.unet_attention import check_kernel
 from sdjax.models.unet_layers import (
     CrossAttnDownBlock2D,
@@ -103,6 +104,8 @@ class UNet2DConditionModel(nn.Module):
     addition_embed_type_num_heads: int = 64  # diffusers' "text" embedding only; kept so its configs load
     projection_class_embeddings_input_dim: int | None = None
     attention: str = "default"  # model.attention: one of sdjax/models/attention.py KERNELS
+    flash_block_size: int = attention_lib.tpu_attention.MAX_BLOCK  # model.flash_block_size (flash, auto on TPU)
+    flash_min_tokens: int = attention_lib.FLASH_MIN_TOKENS  # model.flash_min_tokens (auto on TPU)
     remat: str = "none"  # train.remat: none | minimal | full
     # model.scan_layers: transformer stacks deeper than 1 (SDXL's) run as one nn.scan over stacked parameters
     scan_layers: bool = False
@@ -111,8 +114,8 @@ class UNet2DConditionModel(nn.Module):
 
     @property
     def config(self) -> dict[str, Any]:
-        """The diffusers config fields (every field but sdjax's own settings: `dtype`, `attention`, `remat`,
-        `scan_layers`), as config.json has them."""
+        """The diffusers config fields (every field but sdjax's own settings: `dtype`, `attention`,
+        `flash_block_size`, `flash_min_tokens`, `remat`, `scan_layers`), as config.json has them."""
         return {name: getattr(self, name) for name in _config_fields()}
 
     @classmethod
@@ -180,7 +183,8 @@ class UNet2DConditionModel(nn.Module):
         heads = self._per_level(self.attention_head_dim)
         depths = self._per_level(self.transformer_layers_per_block)
         only_cross = self._per_level(self.only_cross_attention)
-        kernel = "memory_efficient" if self.use_memory_efficient_attention else self.attention
+        kernel = attention_lib.Kernel("memory_efficient" if self.use_memory_efficient_attention else self.attention,
+                                      self.flash_block_size, self.flash_min_tokens)
         block = {"dropout": self.dropout, "remat": self.remat, "dtype": self.dtype}
         attention = {"use_linear_projection": self.use_linear_projection, "kernel": kernel,
                      "scan_layers": self.scan_layers}
@@ -254,7 +258,8 @@ class UNet2DConditionModel(nn.Module):
 
 
 # The fields that are sdjax's settings, not diffusers' config.json keys.
-_SDJAX_FIELDS = ("dtype", "attention", "remat", "scan_layers", "parent", "name")
+_SDJAX_FIELDS = ("dtype", "attention", "flash_block_size", "flash_min_tokens", "remat", "scan_layers", "parent",
+                 "name")
 
 
 def _config_fields() -> list[str]:

@@ -33,7 +33,7 @@ class Attention(nn.Module):
     heads: int
     dim_head: int
     dropout: float = 0.0
-    kernel: str = "default"
+    kernel: str | attention_lib.Kernel = "default"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -46,7 +46,7 @@ class Attention(nn.Module):
             return x.reshape(batch, -1, self.heads, self.dim_head)
 
         query, key, value = project("to_q", hidden_states), project("to_k", context), project("to_v", context)
-        attended = attention_lib.KERNELS[self.kernel](query, key, value, self.dim_head ** -0.5)
+        attended = attention_lib.as_kernel(self.kernel)(query, key, value, self.dim_head ** -0.5)
         hidden_states = nn.Dense(self.query_dim, dtype=self.dtype, name="to_out_0")(
             attended.reshape(batch, -1, inner_dim))
         return nn.Dropout(self.dropout)(hidden_states, deterministic=deterministic)
@@ -89,7 +89,7 @@ class BasicTransformerBlock(nn.Module):
     dim_head: int
     dropout: float = 0.0
     only_cross_attention: bool = False
-    kernel: str = "default"
+    kernel: str | attention_lib.Kernel = "default"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -128,7 +128,7 @@ class Transformer2DModel(nn.Module):
     dropout: float = 0.0
     use_linear_projection: bool = False
     only_cross_attention: bool = False
-    kernel: str = "default"
+    kernel: str | attention_lib.Kernel = "default"
     dtype: jnp.dtype = jnp.float32
     scan_layers: bool = False
     scan_remat: str = "none"  # train.remat's policy for each block of a scanned stack
