@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sdjax.models import attention as attention_lib
+import sdjax.models.attention as attention_lib
 from sdjax.models.unet_attention import check_kernel
 from sdjax.models.unet_layers import (
     CrossAttnDownBlock2D,
