@@ -66,8 +66,8 @@ class Plan:
     attention_kernel_flops: float | None = None
     attention_kernel_bytes: float | None = None
     # Loops in the compiled step that run more than once (scanned layers), and their bodies' repeats, which
-    # XLA's cost analysis counts once (sdjax/hlo_text.py), included in flops_per_device and
-    # bytes_accessed_per_device.
+    # XLA's cost analysis counts once (sdjax/hlo_text.py): the FLOPs are included in flops_per_device, the
+    # bytes (an estimate that over-reads) are not in bytes_accessed_per_device.
     loops: int = 0
     loop_flops: float | None = None
     loop_bytes: float | None = None
@@ -445,10 +445,11 @@ def format_table(plans: list[Plan]) -> str:
 
 def loop_summary(plan: Plan) -> str:
     """Where the plan's FLOPs and bytes of repeated loop bodies (scanned layers) come from, in a line."""
-    return (f"TFLOP/dev/step and the roofline include {plan.loop_flops / 1e12:.3f} TFLOP and "
-            f"{plan.loop_bytes / GiB:.2f} GiB per device of {plan.loops} loops' repeated bodies (scanned layers), "
-            "counted from the compiled program's text: XLA's cost analysis counts a loop body once "
-            "(sdjax/hlo_text.py).")
+    return (f"TFLOP/dev/step and the roofline include {plan.loop_flops / 1e12:.3f} TFLOP per device of "
+            f"{plan.loops} loops' repeated bodies (scanned layers, micro-batches, VAE chunks), counted from the "
+            "compiled program's text: XLA's cost analysis counts a loop body once (sdjax/hlo_text.py). Their bytes "
+            f"are XLA's count of one trip, a floor (the text's estimate of the rest, {plan.loop_bytes / GiB:.2f} "
+            "GiB, is not added: it over-reads).")
 
 
 def attention_kernel_summary(plan: Plan) -> str:

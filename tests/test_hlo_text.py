@@ -59,11 +59,13 @@ def test_a_scanned_stack_counts_every_layer(platform):
     assert scanned.flops == pytest.approx(ANALYTIC_FLOPS, rel=0.02)
     # (XLA simplifies the last layer's matmuls against the sum's cotangent of ones: measured 0.98 and 0.95.)
     assert unrolled.loops.loops == 0 and unrolled.flops == pytest.approx(ANALYTIC_FLOPS, rel=0.06)
-    # Bytes: the scanned program is another program (it copies each layer's weights and activations into
-    # stacked residual buffers, its layers are not fused across), so its traffic is only of the same order as
-    # the unrolled one's (measured 2.3x on CPU, 1.9x on v5e), and well above XLA's one-body count.
-    assert scanned.bytes_accessed > xla_bytes + scanned.loops.extra_bytes * 0.99 > 1.5 * xla_bytes
-    assert 0.7 * unrolled_bytes < scanned.bytes_accessed < 3 * unrolled_bytes
+    # Bytes: the text's estimate of the repeats is reported, not added (it over-reads): the step's bytes stay
+    # XLA's. The scanned program is another program (it copies each layer's weights and activations into
+    # stacked residual buffers), so with the estimate it is only of the unrolled one's order (measured 2.3x on
+    # CPU, 1.9x on v5e), and well above XLA's one-body count.
+    assert scanned.bytes_accessed == xla_bytes
+    estimate = xla_bytes + scanned.loops.extra_bytes
+    assert estimate > 1.5 * xla_bytes and 0.7 * unrolled_bytes < estimate < 3 * unrolled_bytes
 
 
 def test_nested_loops_multiply_and_unknown_trip_counts_count_once():
