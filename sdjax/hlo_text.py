@@ -161,17 +161,61 @@ def executions(computations: dict[str, Computation], entry: str) -> dict[str, in
     return times
 
 
+_WINDOW = re.compile(r"window=\{([^}]*)\}")
+
+
+def _window(attributes: str, rank: int) -> dict[str, list[int]]:
+    """A convolution's window per spatial dimension: stride, padding (low), lhs and rhs dilation."""
+    found = _WINDOW.search(attributes)
+    fields = dict(item.split("=", 1) for item in found.group(1).split() if "=" in item) if found else {}
+
+    def values(key, default):
+        return [int(v) for v in fields[key].split("x")] if key in fields else [default] * rank
+
+    pads = [int(p.split("_")[0]) for p in fields["pad"].split("x")] if "pad" in fields else [0] * rank
+    return {"stride": values("stride", 1), "pad_low": pads,
+            "lhs_dilate": values("lhs_dilate", 1), "rhs_dilate": values("rhs_dilate", 1)}
+
+
+def _reads_of_real_input(in_size: int, out_size: int, window: int, stride: int, pad_low: int, lhs_dilate: int,
+                         rhs_dilate: int) -> int:
+    """How many (output position, window position) pairs of one spatial dimension land on an input element
+    rather than on padding or a hole of the input's dilation: the multiply-adds XLA's cost analysis counts."""
+    extent = (in_size - 1) * lhs_dilate + 1  # the dilated input, before padding
+    pairs = 0
+    for k in range(window):
+        offset = k * rhs_dilate - pad_low  # input position of output 0 at window position k
+        if lhs_dilate == 1:
+            first = max(0, math.ceil(-offset / stride))
+            last = min(out_size - 1, math.floor((extent - 1 - offset) / stride))
+            pairs += max(0, last - first + 1)
+        else:
+            pairs += sum(1 for o in range(out_size)
+                         if 0 <= o * stride + offset < extent and (o * stride + offset) % lhs_dilate == 0)
+    return pairs
+
+
 def _convolution_flops(instruction: Instruction, shapes: dict[str, str]) -> float:
-    """2 x output elements x (kernel elements per output feature), XLA's count for a convolution (TPU
-    programs write matmuls as convolutions too)."""
-    labels = re.search(r"dim_labels=\w*_(\w+)->", instruction.attributes)
+    """2 x output batch x output features x kernel input features x, per spatial dimension, the (output,
+    window) position pairs that read real input: XLA's count for a convolution. (TPU programs write matmuls
+    as convolutions too, batched ones with the batch as a padded spatial window: counting every window
+    position there would count the padding, 8x too much in a measured attention matmul.)"""
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", instruction.attributes)
     if not labels or len(instruction.operands) < 2:
         return 0.0
-    kernel = _dims(shapes.get(instruction.operands[1], ""))
-    if len(kernel) != len(labels.group(1)):
+    lhs_labels, kernel_labels, out_labels = labels.groups()
+    lhs, kernel = _dims(shapes.get(instruction.operands[0], "")), _dims(shapes.get(instruction.operands[1], ""))
+    out = _dims(instruction.shape)
+    if not (len(lhs) == len(lhs_labels) and len(kernel) == len(kernel_labels) == len(out_labels) == len(out)):
         return 0.0
-    per_output = math.prod(size for size, label in zip(kernel, labels.group(1)) if label != "o")
-    return 2.0 * math.prod(_dims(instruction.shape)) * per_output
+    spatial = sorted(label for label in out_labels if label.isdigit())
+    window = _window(instruction.attributes, len(spatial))
+    flops = 2.0 * out[out_labels.index("b")] * out[out_labels.index("f")] * kernel[kernel_labels.index("i")]
+    for d, label in enumerate(spatial):
+        flops *= _reads_of_real_input(lhs[lhs_labels.index(label)], out[out_labels.index(label)],
+                                      kernel[kernel_labels.index(label)], window["stride"][d],
+                                      window["pad_low"][d], window["lhs_dilate"][d], window["rhs_dilate"][d])
+    return flops
 
 
 def _dot_flops(instruction: Instruction, shapes: dict[str, str]) -> float:

@@ -71,6 +71,14 @@ class Plan:
     loops: int = 0
     loop_flops: float | None = None
     loop_bytes: float | None = None
+    loop_counting: int = 0  # LOOP_COUNTING when the loops were counted
+
+
+# The version of hlo_text's counting that `loop_flops` came from: 1 counted every window position of a
+# convolution (TPU programs' batched matmuls are convolutions over padding: a scanned SDXL step's loops came
+# out 2x); 2 counts the positions that read real input, as XLA does. A cached plan with loops counted by an
+# older version is compiled again.
+LOOP_COUNTING = 2
 
 
 def _chip_name(topology: str) -> str | None:
@@ -157,21 +165,25 @@ def _cache_path(config: ml_collections.ConfigDict, topology: str, cache_dir: str
     return os.path.join(cache_dir, _cache_key(config, topology, num_slices) + ".json") if cache_dir else None
 
 
-def _load(cache_path: str | None) -> Plan | None:
+def _load(cache_path: str | None, config: ml_collections.ConfigDict) -> Plan | None:
+    """The cached plan, unless its FLOPs are stale: a scanned step's cached before loops were counted (a loop
+    body's once), or one whose loops an older version of the counting counted."""
     if not cache_path or not os.path.isfile(cache_path):
         return None
     with open(cache_path) as f:
-        return Plan(**json.load(f))
+        plan = Plan(**json.load(f))
+    if plan.fits and config.model.get("scan_layers", False) and not plan.loops:
+        return None
+    if plan.loops and plan.loop_counting < LOOP_COUNTING:
+        return None
+    return plan
 
 
 def cached_plan(config: ml_collections.ConfigDict, topology: str, cache_dir: str | None,
                 num_slices: int = 1) -> Plan | None:
-    """The plan of this config on this topology if an earlier `plan_step` cached it (no compile). A scanned
-    step's plan cached before loops were counted (its FLOPs a loop body's once) is compiled again."""
-    plan = _load(_cache_path(config, topology, cache_dir, num_slices))
-    if plan is not None and plan.fits and config.model.get("scan_layers", False) and not plan.loops:
-        return None
-    return plan
+    """The plan of this config on this topology if an earlier `plan_step` cached it (no compile), and its
+    FLOPs are not stale (`_load`)."""
+    return _load(_cache_path(config, topology, cache_dir, num_slices), config)
 
 
 def plan_step(config: ml_collections.ConfigDict, topology: str, cache_dir: str | None = None,
@@ -184,7 +196,7 @@ def plan_step(config: ml_collections.ConfigDict, topology: str, cache_dir: str |
     if cache_dir:
         os.makedirs(cache_dir, exist_ok=True)
     cache_path = _cache_path(config, topology, cache_dir, num_slices)
-    cached = _load(cache_path)
+    cached = _load(cache_path, config)
     if cached is not None:
         return cached
 
@@ -224,6 +236,7 @@ def plan_step(config: ml_collections.ConfigDict, topology: str, cache_dir: str |
     plan.flops_per_device, plan.bytes_accessed_per_device = cost.flops, cost.bytes_accessed
     if cost.loops.loops:
         plan.loops, plan.loop_flops, plan.loop_bytes = cost.loops.loops, cost.loops.extra_flops, cost.loops.extra_bytes
+        plan.loop_counting = LOOP_COUNTING
     # XLA's cost analysis counts nothing inside a custom call: the attention kernels' are added analytically.
     calls, kernel_flops, kernel_bytes = tpu_attention.compiled_kernel_costs(compiled.as_text())
     if calls:

@@ -94,3 +94,70 @@ def test_nested_loops_multiply_and_unknown_trip_counts_count_once():
 
     text = jax.jit(until).lower(jax.ShapeDtypeStruct((64, 64), jnp.float32)).compile().as_text()
     assert hlo_text.uncounted_loop_costs(text).extra_flops == 0.0
+
+
+
+def _attention_layer(x, w):  # heads as a batch dimension: libtpu writes these matmuls as padded convolutions
+    q, k, v = (jnp.einsum("btd,hde->bhte", x, w[i]) for i in range(3))
+    scores = jax.nn.softmax(jnp.einsum("bhqe,bhke->bhqk", q, k), axis=-1)
+    return x + jnp.einsum("bhqe,hde->bqd", jnp.einsum("bhqk,bhke->bhqe", scores, v), w[3]), None
+
+
+ATTENTION_LAYERS, BATCH, HEADS, SEQ, HEAD_DIM = 6, 4, 8, 77, 64
+
+
+def _tpu_device():
+    from jax.experimental import topologies
+    return topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices[0]
+
+
+def test_scanned_attention_on_tpu_counts_what_the_unrolled_program_counts():
+    """libtpu writes a batched matmul (scores = q k^T per head) as a convolution whose batch is a spatial window
+    over padding: its FLOPs are the window positions that read real input (XLA's count), not every window
+    position (which counted 8x too much and doubled a scanned SDXL step's FLOPs)."""
+    device = _tpu_device()
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    x = jax.ShapeDtypeStruct((BATCH, SEQ, HEADS * HEAD_DIM), jnp.bfloat16, sharding=sharding)
+    ws = jax.ShapeDtypeStruct((ATTENTION_LAYERS, 4, HEADS, HEADS * HEAD_DIM, HEAD_DIM), jnp.bfloat16,
+                              sharding=sharding)
+
+    def scanned(x, ws):
+        return jax.lax.scan(_attention_layer, x, ws)[0].astype(jnp.float32).sum()
+
+    def unrolled(x, ws):
+        for i in range(ATTENTION_LAYERS):
+            x = _attention_layer(x, ws[i])[0]
+        return x.astype(jnp.float32).sum()
+
+    costs = {}
+    for name, fn in (("scanned", scanned), ("unrolled", unrolled)):
+        lowered = jax.jit(jax.grad(fn, argnums=(0, 1))).lower(x, ws)
+        compiled = lowered.compile()
+        costs[name] = roofline.step_cost(lowered, compiled, [device])
+        if name == "scanned":
+            padded = [line for line in compiled.as_text().splitlines() if " convolution(" in line and "pad=" in line]
+            assert padded, "no batched matmul written as a padded convolution: the test no longer tests it"
+    assert costs["scanned"].loops.loops == 2 and costs["unrolled"].loops.loops == 0
+    assert costs["scanned"].flops == pytest.approx(costs["unrolled"].flops, rel=0.03)
+
+
+@pytest.mark.parametrize("platform", ["cpu", "tpu"])
+def test_padded_strided_convolutions_and_their_gradients_count_as_xla_counts(platform):
+    sharding = {"sharding": jax.sharding.SingleDeviceSharding(_tpu_device())} if platform == "tpu" else {}
+    image = jax.ShapeDtypeStruct((2, 16, 16, 32), jnp.float32, **sharding)
+    kernel = jax.ShapeDtypeStruct((3, 3, 32, 64), jnp.float32, **sharding)
+    for strides in ((1, 1), (2, 2)):
+        def conv(x, k):
+            return jax.lax.conv_general_dilated(x, k, strides, "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+        # The gradients are convolutions too, with the input or the window dilated by the stride (one program
+        # each: a program of only the convolution, whose FLOPs XLA's analysis gives).
+        for fn in (conv, *(jax.grad(lambda x, k: conv(x, k).sum(), argnums=i) for i in (0, 1))):
+            compiled = jax.jit(fn).lower(image, kernel).compile()
+            computations, _ = hlo_text.parse(compiled.as_text())
+            ours = sum(hlo_text.computation_flops(c) for c in computations.values())
+            xla_flops, _ = roofline._cost_analysis(compiled)
+            assert " convolution(" in compiled.as_text()
+            # XLA's figure adds the elementwise work around the convolution (converts, pads: 3% for v5e's
+            # strided form, which rewrites the image's layout); every window position would count above it.
+            assert 0.95 * xla_flops <= ours <= xla_flops, (strides, ours, xla_flops)

@@ -129,6 +129,20 @@ def test_max_batch_search_starts_from_a_batch_in_the_cache(plan_config, monkeypa
     assert [p.batch_per_device for p in plans] == [16, 32, 31]
 
 
+def test_a_cached_plan_with_stale_loop_counts_is_compiled_again(plan_config, tmp_path):
+    plan_config.model.scan_layers = True
+    path = plan_lib._cache_path(plan_config, "v5e:2x2", str(tmp_path))
+
+    def cache(**fields):
+        plan_lib._save(plan_lib.Plan(topology="v5e:2x2", num_devices=4, global_batch=8, batch_per_device=2,
+                                     fits=True, **fields), path)
+        return plan_lib.cached_plan(plan_config, "v5e:2x2", str(tmp_path))
+
+    assert cache(loops=0) is None  # scanned, cached before loops were counted
+    assert cache(loops=4, loop_flops=2e12, loop_counting=1) is None  # counted every convolution window position
+    assert cache(loops=4, loop_flops=1e12, loop_counting=plan_lib.LOOP_COUNTING).loop_flops == 1e12
+
+
 def test_max_batch_of_a_real_compile_on_cpu_devices_is_confirmed_by_its_neighbour(plan_config, tmp_path):
     plan_config.data.resolution = 32  # at 16 px the totals of batches 1-3 are off a line: one more compile
     two, three = (plan_lib.plan_step(_with_batch(plan_config, 8 * b), "cpu:8", str(tmp_path)) for b in (2, 3))
