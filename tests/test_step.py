@@ -51,7 +51,9 @@ def test_bf16_keeps_fp32_params_and_computes_in_bf16(tiny_config):
                   if eqn.primitive.name == "dot_general"}
     assert conv_dtypes == {jnp.dtype(jnp.bfloat16)}
     assert jnp.dtype(jnp.bfloat16) in dot_dtypes
-    new_state, metrics = setup.train_step(state, batch, jax.random.key(1))
+    # The step's output types, traced, not run: a bf16 step compiles in about a minute on XLA:CPU, and the
+    # demo's runs (bf16, tests/test_pod_runs.py) execute one.
+    new_state, metrics = jax.eval_shape(setup.train_step, state, batch, jax.random.key(1))
     assert metrics["loss"].dtype == jnp.float32
     for leaf in jax.tree.leaves(new_state.params):
         assert leaf.dtype == jnp.float32
