@@ -61,11 +61,11 @@ def _flax_name(pytorch_name: str) -> str:
 
 def adapted_modules(component_params, target_names) -> list[tuple[str, ...]]:
     """Paths of the Dense modules of a component whose name is one of `target_names` (PyTorch names). A Dense
-    kernel is 2-d, or 3-d in a scanned layer stack (`model.scan_layers`: a leading layer axis,
-    sdjax/models/layer_stacks.py); adapters then get that axis too."""
+    kernel is 2-d, with leading layer axes in scanned layers (`model.scan_layers`: a stack's depth, a run's
+    length, or both, sdjax/models/layer_stacks.py); adapters then get those axes too."""
     flax_names = {_flax_name(name) for name in target_names}
     return sorted(path[:-1] for path, leaf in flatten_dict(component_params).items()
-                  if path[-1] == "kernel" and len(path) > 1 and path[-2] in flax_names and len(leaf.shape) in (2, 3))
+                  if path[-1] == "kernel" and len(path) > 1 and path[-2] in flax_names and len(leaf.shape) >= 2)
 
 
 def init_adapters(params: dict[str, Any], lora_config: ml_collections.ConfigDict, rng: jax.Array) -> dict:

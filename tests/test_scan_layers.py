@@ -20,10 +20,14 @@ from sdjax.models.unet import UNet2DConditionModel
 # 4e-5 relative to the largest gradient (CLIP).
 GRAD_RTOL = 1e-4
 
-UNET = dict(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+# Two layers per block: runs of same-shaped layers in a block of ResNet blocks only (down_blocks_0, as SDXL's
+# first level), in a cross-attention block with one-block transformers (up_blocks_1) and with 2-block stacks,
+# a scan of scans (up_blocks_0); layers of other shapes in between (down_blocks_1, the last of up_blocks_0, the
+# first of up_blocks_1); the mid block's two ResNet blocks, which are not consecutive.
+UNET = dict(block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=2,
             attention_head_dim=(2, 4), cross_attention_dim=32, transformer_layers_per_block=(1, 2),
-            use_linear_projection=True, sample_size=8, mid_block_type=None)
+            use_linear_projection=True, sample_size=8)
 
 
 def _assert_grads_close(stacked_grads, unrolled_grads):
@@ -42,11 +46,20 @@ def test_the_scanned_unet_computes_the_unrolled_loss_and_gradients(remat):
     timesteps, context = jnp.array([3, 500]), jax.random.normal(jax.random.key(2), (2, 7, 32))
     params = jax.jit(unrolled.init)(jax.random.key(0), sample, timesteps, context)["params"]
     stacked = layer_stacks.stack_tree(params)
-    # The scanned module's own tree is that of the conversion: the 2-block stacks stacked, the 1-block ones not.
+    # The scanned module's own tree is that of the conversion: the 2-block stacks stacked, the 1-block ones not;
+    # runs of same-shaped layers stacked, the other layers not.
     own = jax.eval_shape(lambda: scanned.init(jax.random.key(0), sample, timesteps, context)["params"])
     assert jax.tree.map(lambda a: a.shape, own) == jax.tree.map(lambda a: a.shape, stacked)
     assert stacked["down_blocks_1"]["attentions_0"]["transformer_blocks"]["ff"]["net_2"]["kernel"].shape == (2, 256, 64)
-    assert "transformer_blocks_0" in stacked["down_blocks_0"]["attentions_0"]
+    assert sorted(stacked["down_blocks_0"]) == ["downsamplers_0", "layers_0_to_1"]
+    assert stacked["down_blocks_0"]["layers_0_to_1"]["resnet"]["conv1"]["kernel"].shape == (2, 3, 3, 32, 32)
+    assert sorted(stacked["up_blocks_0"]) == ["attentions_2", "layers_0_to_1", "resnets_2", "upsamplers_0"]
+    run = stacked["up_blocks_0"]["layers_0_to_1"]
+    assert run["resnet"]["conv1"]["kernel"].shape == (2, 3, 3, 128, 64)
+    assert run["attention"]["transformer_blocks"]["ff"]["net_2"]["kernel"].shape == (2, 2, 256, 64)  # run, depth
+    assert sorted(stacked["up_blocks_1"]) == ["attentions_0", "layers_1_to_2", "resnets_0"]
+    assert "transformer_blocks_0" in stacked["up_blocks_1"]["layers_1_to_2"]["attention"]
+    assert {"resnets_0", "resnets_1"} <= set(stacked["mid_block"])
 
     def loss(module):
         return lambda p: jnp.mean(module.apply({"params": p}, sample, timesteps, context).sample ** 2)
@@ -90,9 +103,15 @@ def test_the_scanned_clip_encoder_computes_the_unrolled_states_and_gradients():
 def test_stacks_convert_both_ways_on_params_host_arrays_and_shapes():
     rng = np.random.default_rng(0)
     layer = lambda: {"attn1": {"to_q": {"kernel": rng.standard_normal((4, 4), dtype=np.float32)}}}  # noqa: E731
+    resnet = lambda channels: {"conv1": {"kernel": rng.standard_normal((3, 3, channels, 4), dtype=np.float32)}}  # noqa: E731
     unet = {"mid_block": {"attentions_0": {"transformer_blocks_0": layer(), "transformer_blocks_1": layer(),
-                                           "proj_in": {"bias": np.zeros(4, np.float32)}}},
-            "down_blocks_0": {"attentions_0": {"transformer_blocks_0": layer()}}}
+                                           "proj_in": {"bias": np.zeros(4, np.float32)}},
+                          "resnets_0": resnet(4), "resnets_1": resnet(4)},
+            "down_blocks_0": {"attentions_0": {"transformer_blocks_0": layer()}},
+            "up_blocks_0": {"resnets_0": resnet(6), "resnets_1": resnet(8), "resnets_2": resnet(8),
+                            "attentions_0": {"transformer_blocks_0": layer()},
+                            "attentions_1": {"transformer_blocks_0": layer()},
+                            "attentions_2": {"transformer_blocks_0": layer()}}}
     clip = {"text_model": {"encoder": {"layers": {"0": layer(), "1": layer(), "2": layer()}}}}
     params = {"unet": unet, "text_encoder": clip, "vae": {"layers": {"0": layer()}}}  # the VAE is never stacked
     stacked = layer_stacks.stack_params(params)
@@ -100,6 +119,11 @@ def test_stacks_convert_both_ways_on_params_host_arrays_and_shapes():
                       np.ndarray)  # host arrays stay on the host
     assert stacked["text_encoder"]["text_model"]["encoder"]["layers"]["attn1"]["to_q"]["kernel"].shape == (3, 4, 4)
     assert "transformer_blocks_0" in stacked["unet"]["down_blocks_0"]["attentions_0"]  # one block: not stacked
+    up = stacked["unet"]["up_blocks_0"]  # layers 1 and 2 have the same shapes: one run
+    assert sorted(up) == ["attentions_0", "layers_1_to_2", "resnets_0"]
+    assert up["layers_1_to_2"]["resnet"]["conv1"]["kernel"].shape == (2, 3, 3, 8, 4)
+    assert up["layers_1_to_2"]["attention"]["transformer_blocks_0"]["attn1"]["to_q"]["kernel"].shape == (2, 4, 4)
+    assert {"resnets_0", "resnets_1"} <= set(stacked["unet"]["mid_block"])  # not consecutive: not a run
     assert stacked["vae"] == params["vae"]
     back = layer_stacks.unstack_params(stacked)
     assert jax.tree.structure(back) == jax.tree.structure(params)
@@ -120,6 +144,8 @@ def test_lora_adapts_stacked_kernels_as_it_adapts_each_layer():
     adapters = lora_lib.init_adapters(stacked, lora, jax.random.key(1))
     stack = adapters["unet"]["down_blocks_1"]["attentions_0"]["transformer_blocks"]["attn1"]["to_q"]
     assert stack["lora_A"].shape == (2, 64, 2) and stack["lora_B"].shape == (2, 2, 64)
+    run = adapters["unet"]["up_blocks_0"]["layers_0_to_1"]["attention"]["transformer_blocks"]["attn1"]["to_q"]
+    assert run["lora_A"].shape == (2, 2, 64, 2) and run["lora_B"].shape == (2, 2, 2, 64)  # run, depth
     adapters = jax.tree.map(lambda x: x + 0.01, adapters)  # B != 0: the adapters change the kernels
     # Every layer of the stack has its own adapters: as many adapted kernels as unrolled.
     per_layer = layer_stacks.unstack_tree(adapters["unet"])

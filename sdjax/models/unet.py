@@ -5,8 +5,8 @@ same shapes), so checkpoints, weight converters (pytorch_weights.py, pytorch_exp
 sharding rules are unchanged; it computes what diffusers' PyTorch `UNet2DConditionModel` computes (tests/
 test_unet_model.py checks both). Fields of its own: `attention`, the kernel of its attention layers
 (`model.attention`, with splash's `flash_block_size` and `flash_min_tokens`), `remat`, which blocks are recomputed in the backward pass (`train.remat`), and
-`scan_layers`, whether deeper transformer stacks run as one `nn.scan` (`model.scan_layers`; their parameters
-are then stacked: sdjax/models/layer_stacks.py).
+`scan_layers`, whether deeper transformer stacks and runs of same-shaped layers in a down or up block run as
+one `nn.scan` each (`model.scan_layers`; their parameters are then stacked: sdjax/models/layer_stacks.py).
 
 `from_config` reads a diffusers `unet/config.json`; `config` gives one back (the exporter writes it).
 """
@@ -107,7 +107,8 @@ class UNet2DConditionModel(nn.Module):
     flash_block_size: int = attention_lib.tpu_attention.MAX_BLOCK  # model.flash_block_size (flash, auto on TPU)
     flash_min_tokens: int = attention_lib.FLASH_MIN_TOKENS  # model.flash_min_tokens (auto on TPU)
     remat: str = "none"  # train.remat: none | minimal | full
-    # model.scan_layers: transformer stacks deeper than 1 (SDXL's) run as one nn.scan over stacked parameters
+    # model.scan_layers: transformer stacks deeper than 1 (SDXL's) and runs of same-shaped layers in a down or up
+    # block run as one nn.scan each, over stacked parameters
     scan_layers: bool = False
 
     # --- diffusers configs ---------------------------------------------------------------------------------
@@ -185,9 +186,8 @@ class UNet2DConditionModel(nn.Module):
         only_cross = self._per_level(self.only_cross_attention)
         kernel = attention_lib.Kernel("memory_efficient" if self.use_memory_efficient_attention else self.attention,
                                       self.flash_block_size, self.flash_min_tokens)
-        block = {"dropout": self.dropout, "remat": self.remat, "dtype": self.dtype}
-        attention = {"use_linear_projection": self.use_linear_projection, "kernel": kernel,
-                     "scan_layers": self.scan_layers}
+        block = {"dropout": self.dropout, "remat": self.remat, "dtype": self.dtype, "scan_layers": self.scan_layers}
+        attention = {"use_linear_projection": self.use_linear_projection, "kernel": kernel}
         context = encoder_hidden_states
 
         # 1. time (PyTorch broadcasts one timestep to the batch)

@@ -121,88 +121,183 @@ class Upsample2D(nn.Module):
 # --- down, mid and up blocks -------------------------------------------------------------------------------
 
 
+def resnet_layer(in_channels: int, out_channels: int, dropout: float, remat: str, dtype, name: str) -> nn.Module:
+    return rematerialized(ResnetBlock2D, remat)(in_channels, out_channels, dropout, dtype, name=name)
+
+
+def transformer_layer(channels: int, heads: int, depth: int, dropout: float, use_linear_projection: bool,
+                      only_cross_attention: bool, kernel, dtype, scan_layers: bool, remat: str,
+                      name: str) -> nn.Module:
+    # A scanned stack is rematerialised a layer at a time inside its scan (Transformer2DModel), not whole.
+    scanned = scan_layers and depth > 1
+    return rematerialized(Transformer2DModel, "none" if scanned else remat)(
+        channels, heads, channels // heads, depth, dropout, use_linear_projection, only_cross_attention, kernel,
+        dtype, scan_layers, remat if scanned else "none", name=name)
+
+
 class _Block(nn.Module):
-    """What every down, mid and up block is built with; their ResNet and transformer layers come from here."""
+    """What every down, mid and up block is built with; their ResNet and transformer layers come from here.
+
+    `scan_layers` (model.scan_layers): a run of consecutive layers of the same shape (the same ResNet input
+    channels: SD 1.5's first down block and the last two layers of its last up block at 64x64, ...) runs as
+    one `nn.scan` over a `_Layer` named `layers_{first}_to_{last}`, whose `resnet` and `attention` parameters
+    are stacked on a leading axis (sdjax/models/layer_stacks.py converts to and from `resnets_{i}`,
+    `attentions_{i}`); the compiler sees one layer per run. Each layer's ResNet block and transformer are
+    rematerialised as unrolled ones are (`remat`), inside the scan."""
 
     dropout: float
     remat: str
     dtype: jnp.dtype
+    scan_layers: bool = False
 
     def resnet(self, in_channels: int, out_channels: int, name: str) -> nn.Module:
-        return rematerialized(ResnetBlock2D, self.remat)(in_channels, out_channels, self.dropout, self.dtype,
-                                                         name=name)
+        return resnet_layer(in_channels, out_channels, self.dropout, self.remat, self.dtype, name)
+
+    def attention_fields(self) -> dict:
+        """The _Layer fields of this block's transformer (none: a block of ResNet blocks only)."""
+        return {}
+
+    def layers(self, hidden_states, in_channels: list[int], temb, context, deterministic, skips=None):
+        """The block's layers, layer i: [`skips[i]` concatenated to the features (up blocks)], a ResNet block
+        from `in_channels[i]` to `out_channels`, [a transformer]. Returns the features and each layer's
+        output."""
+        attention = self.attention_fields()
+        outputs = []
+        for first, last in _runs(in_channels) if self.scan_layers else [(i, i) for i in range(len(in_channels))]:
+            if first == last:
+                if skips is not None:
+                    hidden_states = jnp.concatenate((hidden_states, skips[first]), axis=-1)
+                hidden_states = self.resnet(in_channels[first], self.out_channels, f"resnets_{first}")(
+                    hidden_states, temb, deterministic)
+                if attention:
+                    hidden_states = self.transformer(self.out_channels, f"attentions_{first}")(
+                        hidden_states, context, deterministic)
+                outputs.append(hidden_states)
+                continue
+            layer = _Layer(in_channels[first], self.out_channels, self.dropout, self.remat, self.dtype,
+                           **attention, name=f"layers_{first}_to_{last}")
+            run_skips = None if skips is None else jnp.stack(skips[first:last + 1])
+            hidden_states, run_outputs = _scan_run(layer, hidden_states, run_skips, temb, context, deterministic,
+                                                   last - first + 1)
+            outputs.extend(run_outputs[i] for i in range(last - first + 1))
+        return hidden_states, outputs
+
+
+def _runs(in_channels: list[int]) -> list[tuple[int, int]]:
+    """(first, last) of each run of consecutive equal entries: [640, 320, 320] -> [(0, 0), (1, 2)]."""
+    runs = []
+    for i, channels in enumerate(in_channels):
+        if runs and in_channels[runs[-1][1]] == channels:
+            runs[-1] = (runs[-1][0], i)
+        else:
+            runs.append((i, i))
+    return runs
+
+
+class _Layer(nn.Module):
+    """One layer of a down or up block, as a scanned run repeats it: the skip connection concatenated (up
+    blocks: `skip` not None), a ResNet block (`resnet`), and with `heads` a transformer (`attention`)."""
+
+    in_channels: int
+    out_channels: int
+    dropout: float
+    remat: str
+    dtype: jnp.dtype
+    heads: int = 0
+    transformer_depth: int = 1
+    use_linear_projection: bool = False
+    only_cross_attention: bool = False
+    kernel: str = "default"
+    scan_layers: bool = False
+
+    @nn.compact
+    def __call__(self, hidden_states, skip, temb, context, deterministic=True):
+        if skip is not None:
+            hidden_states = jnp.concatenate((hidden_states, skip), axis=-1)
+        hidden_states = resnet_layer(self.in_channels, self.out_channels, self.dropout, self.remat, self.dtype,
+                                     "resnet")(hidden_states, temb, deterministic)
+        if self.heads:
+            hidden_states = transformer_layer(
+                self.out_channels, self.heads, self.transformer_depth, self.dropout, self.use_linear_projection,
+                self.only_cross_attention, self.kernel, self.dtype, self.scan_layers, self.remat, "attention")(
+                hidden_states, context, deterministic)
+        return hidden_states
+
+
+def _scan_run(layer: _Layer, hidden_states, skips, temb, context, deterministic: bool, length: int):
+    """`length` applications of `layer`, each with its own parameters (stacked on axis 0), dropout rng and
+    skip connection (`skips` stacked on axis 0, or None); returns the features and each layer's output."""
+
+    def apply_one(layer, hidden_states, skip):
+        hidden_states = layer(hidden_states, skip, temb, context, deterministic)
+        return hidden_states, hidden_states
+
+    scanned = nn.scan(apply_one, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                      length=length)
+    return scanned(layer, hidden_states, skips)
 
 
 class _AttentionBlock(_Block):
     """A block with a spatial transformer after each ResNet block."""
 
-    heads: int
-    transformer_depth: int
-    use_linear_projection: bool
-    only_cross_attention: bool
-    kernel: str
-    scan_layers: bool
+    heads: int = 1
+    transformer_depth: int = 1
+    use_linear_projection: bool = False
+    only_cross_attention: bool = False
+    kernel: str = "default"
+
+    def attention_fields(self) -> dict:
+        return dict(heads=self.heads, transformer_depth=self.transformer_depth,
+                    use_linear_projection=self.use_linear_projection,
+                    only_cross_attention=self.only_cross_attention, kernel=self.kernel, scan_layers=self.scan_layers)
 
     def transformer(self, channels: int, name: str) -> nn.Module:
-        # A scanned stack is rematerialised a layer at a time inside its scan (Transformer2DModel), not whole.
-        scanned = self.scan_layers and self.transformer_depth > 1
-        return rematerialized(Transformer2DModel, "none" if scanned else self.remat)(
-            channels, self.heads, channels // self.heads, self.transformer_depth, self.dropout,
-            self.use_linear_projection, self.only_cross_attention, self.kernel, self.dtype, self.scan_layers,
-            self.remat if scanned else "none", name=name)
+        return transformer_layer(channels, self.heads, self.transformer_depth, self.dropout,
+                                 self.use_linear_projection, self.only_cross_attention, self.kernel, self.dtype,
+                                 self.scan_layers, self.remat, name)
 
 
 class DownBlock2D(_Block):
     """`num_layers` ResNet blocks, then a Downsample2D unless it is the last level. Returns the features and
     each layer's output (the skip connections the up blocks take)."""
 
-    in_channels: int
-    out_channels: int
-    num_layers: int
-    add_downsample: bool
+    in_channels: int = 0
+    out_channels: int = 0
+    num_layers: int = 1
+    add_downsample: bool = False
 
     @nn.compact
     def __call__(self, hidden_states, temb, deterministic=True):
-        outputs = ()
-        for i in range(self.num_layers):
-            in_channels = self.in_channels if i == 0 else self.out_channels
-            hidden_states = self.resnet(in_channels, self.out_channels, f"resnets_{i}")(
-                hidden_states, temb, deterministic)
-            outputs += (hidden_states,)
-        if self.add_downsample:
-            hidden_states = Downsample2D(self.out_channels, self.dtype, name="downsamplers_0")(hidden_states)
-            outputs += (hidden_states,)
-        return hidden_states, outputs
+        return _down(self, hidden_states, temb, None, deterministic)
 
 
 class CrossAttnDownBlock2D(_AttentionBlock):
     """DownBlock2D with a Transformer2DModel after each ResNet block, attending to `context`."""
 
-    in_channels: int
-    out_channels: int
-    num_layers: int
-    add_downsample: bool
+    in_channels: int = 0
+    out_channels: int = 0
+    num_layers: int = 1
+    add_downsample: bool = False
 
     @nn.compact
     def __call__(self, hidden_states, temb, context, deterministic=True):
-        outputs = ()
-        for i in range(self.num_layers):
-            in_channels = self.in_channels if i == 0 else self.out_channels
-            hidden_states = self.resnet(in_channels, self.out_channels, f"resnets_{i}")(
-                hidden_states, temb, deterministic)
-            hidden_states = self.transformer(self.out_channels, f"attentions_{i}")(
-                hidden_states, context, deterministic)
-            outputs += (hidden_states,)
-        if self.add_downsample:
-            hidden_states = Downsample2D(self.out_channels, self.dtype, name="downsamplers_0")(hidden_states)
-            outputs += (hidden_states,)
-        return hidden_states, outputs
+        return _down(self, hidden_states, temb, context, deterministic)
+
+
+def _down(block, hidden_states, temb, context, deterministic):
+    in_channels = [block.in_channels] + [block.out_channels] * (block.num_layers - 1)
+    hidden_states, outputs = block.layers(hidden_states, in_channels, temb, context, deterministic)
+    if block.add_downsample:
+        hidden_states = Downsample2D(block.out_channels, block.dtype, name="downsamplers_0")(hidden_states)
+        outputs.append(hidden_states)
+    return hidden_states, tuple(outputs)
 
 
 class UNetMidBlock2DCrossAttn(_AttentionBlock):
-    """ResNet block, Transformer2DModel, ResNet block, at the lowest resolution."""
+    """ResNet block, Transformer2DModel, ResNet block, at the lowest resolution (never scanned: its two ResNet
+    blocks are not consecutive)."""
 
-    channels: int
+    channels: int = 0
 
     @nn.compact
     def __call__(self, hidden_states, temb, context, deterministic=True):
@@ -222,40 +317,35 @@ class UpBlock2D(_Block):
     """`num_layers` ResNet blocks, each on the features concatenated with the last of the remaining skip
     connections, then an Upsample2D unless it is the last level."""
 
-    in_channels: int
-    out_channels: int
-    prev_output_channel: int
-    num_layers: int
-    add_upsample: bool
+    in_channels: int = 0
+    out_channels: int = 0
+    prev_output_channel: int = 0
+    num_layers: int = 1
+    add_upsample: bool = False
 
     @nn.compact
     def __call__(self, hidden_states, skips, temb, deterministic=True):
-        for i in range(self.num_layers):
-            hidden_states = jnp.concatenate((hidden_states, skips[-1 - i]), axis=-1)
-            hidden_states = self.resnet(_up_resnet_in_channels(self, i), self.out_channels, f"resnets_{i}")(
-                hidden_states, temb, deterministic)
-        if self.add_upsample:
-            hidden_states = Upsample2D(self.out_channels, self.dtype, name="upsamplers_0")(hidden_states)
-        return hidden_states
+        return _up(self, hidden_states, skips, temb, None, deterministic)
 
 
 class CrossAttnUpBlock2D(_AttentionBlock):
     """UpBlock2D with a Transformer2DModel after each ResNet block, attending to `context`."""
 
-    in_channels: int
-    out_channels: int
-    prev_output_channel: int
-    num_layers: int
-    add_upsample: bool
+    in_channels: int = 0
+    out_channels: int = 0
+    prev_output_channel: int = 0
+    num_layers: int = 1
+    add_upsample: bool = False
 
     @nn.compact
     def __call__(self, hidden_states, skips, temb, context, deterministic=True):
-        for i in range(self.num_layers):
-            hidden_states = jnp.concatenate((hidden_states, skips[-1 - i]), axis=-1)
-            hidden_states = self.resnet(_up_resnet_in_channels(self, i), self.out_channels, f"resnets_{i}")(
-                hidden_states, temb, deterministic)
-            hidden_states = self.transformer(self.out_channels, f"attentions_{i}")(
-                hidden_states, context, deterministic)
-        if self.add_upsample:
-            hidden_states = Upsample2D(self.out_channels, self.dtype, name="upsamplers_0")(hidden_states)
-        return hidden_states
+        return _up(self, hidden_states, skips, temb, context, deterministic)
+
+
+def _up(block, hidden_states, skips, temb, context, deterministic):
+    in_channels = [_up_resnet_in_channels(block, i) for i in range(block.num_layers)]
+    layer_skips = [skips[-1 - i] for i in range(block.num_layers)]  # the last one first
+    hidden_states, _ = block.layers(hidden_states, in_channels, temb, context, deterministic, layer_skips)
+    if block.add_upsample:
+        hidden_states = Upsample2D(block.out_channels, block.dtype, name="upsamplers_0")(hidden_states)
+    return hidden_states
