@@ -41,8 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
     # length from which `auto` runs the kernel on TPU (shorter ones and cross-attention stay with XLA).
     c.model.flash_block_size = 512
     c.model.flash_min_tokens = 1024
-    # Run SDXL's transformer stacks (2 and 10 deep) and the CLIP text encoders' layers as one `nn.scan` each,
-    # so the compiler sees one layer, not ten (MaxText's name). Same computation; the params of a scanned
+    # Run SDXL's transformer stacks (2 and 10 deep), each run of same-shaped layers in the UNet's down and up
+    # blocks (SD 1.5: 5 runs of 2-3) and the CLIP text encoders' layers as one `nn.scan` each, so the compiler
+    # sees one layer, not ten (MaxText's name). Same computation; the params of a scanned
     # stack are stored stacked (sdjax/models/layer_stacks.py), so a checkpoint resumes only with the setting it
     # was saved with. Pretrained folders load and exports are written either way. docs/models.md has its
     # compile times.

@@ -140,8 +140,8 @@ def build_models(config: ml_collections.ConfigDict) -> Models:
     dtype = compute_dtype(config.train.precision)
     # The UNet runs model.attention's kernel and rematerializes its blocks as train.remat says (remat only acts
     # under a gradient: sampling with the same module recomputes nothing).
-    # model.scan_layers: SDXL's transformer stacks and the CLIP layers run as one nn.scan each, their params
-    # stacked (layer_stacks.py); .get: configs saved before the key existed.
+    # model.scan_layers: SDXL's transformer stacks, runs of same-shaped UNet layers and the CLIP layers run as
+    # one nn.scan each, their params stacked (layer_stacks.py); .get: configs saved before the key existed.
     scan_layers = bool(config.model.get("scan_layers", False))
     unet_options = dict(dtype=dtype, attention=config.model.attention, remat=config.train.remat,
                         scan_layers=scan_layers, flash_block_size=config.model.get("flash_block_size", 512),
