@@ -147,9 +147,9 @@ def _device_spec(topology: str, devices: list, num_slices: int = 1) -> ChipSpec 
     return ChipSpec(spec.hbm_bytes / per_chip, spec.peak_bf16_flops / per_chip, spec.hbm_bytes_per_s / per_chip)
 
 
-# Changes when the same config compiles to another step (2: `auto` runs splash attention on TPU), so plans
-# cached before are not reused.
-STEP_VERSION = 2
+# Changes when the same config compiles to another step (2: `auto` runs splash attention on TPU; 3:
+# model.scan_layers scans runs of same-shaped UNet layers), so plans cached before are not reused.
+STEP_VERSION = 3
 
 
 def _cache_key(config: ml_collections.ConfigDict, topology: str, num_slices: int = 1) -> str:
