@@ -4,7 +4,8 @@ blocks that stack them with the spatial transformers of `unet_attention`.
 Linen modules on NHWC features with the parameter trees of diffusers' Flax classes (`FlaxResnetBlock2D`,
 `FlaxCrossAttnDownBlock2D`, ...) and the numerics of its PyTorch ones. `remat` (`train.remat`: none | minimal
 | full) wraps each ResnetBlock2D and Transformer2DModel in `nn.remat` with sdjax/models/remat.py's policy: the
-granularity of PyTorch's `enable_gradient_checkpointing`; the parameter tree stays the same.
+granularity of PyTorch's `enable_gradient_checkpointing`; the parameter tree stays the same. With
+`scan_layers`, a block's runs of same-shaped layers are scanned (`_Block.layers`), their params stacked.
 """
 
 from __future__ import annotations
