@@ -213,10 +213,24 @@ def _check_writable(directory: epath.Path) -> None:
                 "Every process writes its shards of each checkpoint into one directory: on a pod, a gs:// "
                 "bucket (the workdir may stay on each host's own disk).")
     probe.unlink()
+    if jax.process_count() > 1:
+        # Otherwise a process still listing the directory (Checkpoints.__init__) sees another's probe in it,
+        # and then, the probe gone, a GCS "folder" with no object in it: FileNotFoundError.
+        multihost_utils.sync_global_devices("sdjax: checkpoint directory probes removed")
 
 
 def _reason(error: Exception) -> str:
     return f"{type(error).__name__}: " + " ".join(str(error).split())[:600]
+
+
+def _cut_off_saves(directory: epath.Path) -> list[str]:
+    """The saves in `directory` cut off mid-write: a temporary directory (local disks), a step without its
+    commit marker (GCS)."""
+    try:
+        return sorted(p.name for p in directory.iterdir()
+                      if _TMP_SUFFIX in p.name or (p.name.isdigit() and not (p / COMMIT_MARKER).exists()))
+    except FileNotFoundError:  # on GCS a folder exists only while an object is in it: none yet, nothing cut off
+        return []
 
 
 class Checkpoints:
@@ -230,9 +244,7 @@ class Checkpoints:
         _check_writable(self.directory)
         # Saves cut off mid-write: a temporary directory (local disks), a step without its marker (GCS). Orbax
         # deletes both silently when it opens the directory: say so, the run resumes from an older step.
-        cut_off = sorted(p.name for p in self.directory.iterdir()
-                         if _TMP_SUFFIX in p.name or (p.name.isdigit() and not (p / COMMIT_MARKER).exists())
-                         ) if self.directory.exists() else []  # on GCS a folder exists once an object is in it
+        cut_off = _cut_off_saves(self.directory)
         if cut_off:
             logging.warning("Checkpoints %s in %s were cut off mid-write (never committed): deleting them; the run "
                             "resumes from the newest complete checkpoint before them.", cut_off, self.directory)
