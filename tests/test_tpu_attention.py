@@ -10,7 +10,7 @@ import pytest
 from jax.experimental.pallas.ops.tpu.splash_attention import BlockSizes
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from sdjax.models import attention, tpu_attention
+from sdjax.models import attention, batch_sharding, tpu_attention
 from sdjax.models.attention import materialized_kernel
 
 
@@ -138,7 +138,7 @@ def test_attention_cost():
 
 def test_batch_axes_are_the_steps():
     from sdjax import mesh
-    assert tpu_attention.BATCH_AXES == mesh.BATCH_AXES
+    assert batch_sharding.BATCH_AXES == mesh.BATCH_AXES
 
 
 @pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])  # sdjax.mesh's, and the other

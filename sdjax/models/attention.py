@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 
 import sdjax.models.tpu_attention as tpu_attention
+from sdjax.models import batch_sharding
 
 def fused_attention_kernel(query: jax.Array, key: jax.Array) -> str:
     """cuDNN's flash attention where it takes the shapes (checked on jax 0.11.2 / H200: an odd key length,
@@ -179,7 +180,7 @@ def _tpu_kernel(query, key, value, scale, max_block: int = tpu_attention.MAX_BLO
                 min_tokens: int = FLASH_MIN_TOKENS):
     """`auto` on TPU: flash for long self-attention whose batch divides the mesh, else materialised."""
     if (is_self_attention(query, key) and query.shape[1] >= min_tokens
-            and query.shape[0] % tpu_attention.batch_shards() == 0):
+            and query.shape[0] % batch_sharding.batch_shards() == 0):
         return tpu_attention.attention(query, key, value, scale, interpret=False, max_block=max_block)
     return materialized_kernel(query, key, value, scale)
 

@@ -22,6 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sdjax.models.batch_sharding import shard_batch
+
 DOWN_BLOCK = "DownEncoderBlock2D"
 UP_BLOCK = "UpDecoderBlock2D"
 ACTIVATION = "silu"
@@ -64,11 +66,12 @@ class ResnetBlock2D(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         residual = x
-        x = _conv(self.out_channels, 3, self.dtype, "conv1")(nn.swish(_group_norm(self.groups, "norm1")(x)))
-        x = _conv(self.out_channels, 3, self.dtype, "conv2")(nn.swish(_group_norm(self.groups, "norm2")(x)))
+        for i in (1, 2):
+            x = nn.swish(_group_norm(self.groups, f"norm{i}")(x))
+            x = shard_batch(_conv(self.out_channels, 3, self.dtype, f"conv{i}")(x))
         if self.in_channels != self.out_channels:
             residual = _conv(self.out_channels, 1, self.dtype, "conv_shortcut", padding="VALID")(residual)
-        return x + residual
+        return shard_batch(x + residual)
 
 
 class AttentionBlock(nn.Module):
@@ -90,7 +93,7 @@ class AttentionBlock(nn.Module):
         weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(value.dtype)
         h = jnp.einsum("bqk,bkc->bqc", weights, value)
         h = nn.Dense(self.channels, dtype=self.dtype, name="proj_attn")(h)
-        return h.reshape(batch, height, width, channels) + x
+        return shard_batch(h.reshape(batch, height, width, channels) + x)
 
 
 class UNetMidBlock2D(nn.Module):

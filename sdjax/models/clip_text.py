@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from transformers import CLIPTextConfig
 
+from sdjax.models.batch_sharding import shard_batch
+
 _ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # OpenAI CLIP's (SD 1.x)
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # exact (erf), as PyTorch's (OpenCLIP: SD 2.x, SDXL)
@@ -68,7 +70,7 @@ class CLIPAttention(nn.Module):
         def split_heads(h):  # [B, L, D] -> [B, H, L, D/H]
             return h.reshape(h.shape[:2] + (heads, head_dim)).transpose(0, 2, 1, 3)
 
-        query, key, value = (split_heads(project(name)(x)) for name in ("q_proj", "k_proj", "v_proj"))
+        query, key, value = (split_heads(shard_batch(project(name)(x))) for name in ("q_proj", "k_proj", "v_proj"))
         scores = jnp.einsum("bhqd,bhkd->bhqk", query, key) * head_dim ** -0.5
         # Softmax in float32 whatever the compute dtype, as PyTorch's CLIP (transformers' Flax CLIP took it in
         # the compute dtype).
@@ -76,7 +78,7 @@ class CLIPAttention(nn.Module):
         weights = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
         weights = nn.Dropout(self.config.attention_dropout)(weights, deterministic=deterministic)
         out = jnp.einsum("bhqk,bhkd->bqhd", weights, value).reshape(x.shape[:2] + (width,))
-        return project("out_proj")(out)
+        return shard_batch(project("out_proj")(shard_batch(out)))
 
 
 class CLIPMLP(nn.Module):
@@ -86,7 +88,7 @@ class CLIPMLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = nn.Dense(self.config.intermediate_size, dtype=self.dtype, kernel_init=_INIT, name="fc1")(x)
-        x = _ACTIVATIONS[self.config.hidden_act](x)
+        x = shard_batch(_ACTIVATIONS[self.config.hidden_act](x))
         return nn.Dense(self.config.hidden_size, dtype=self.dtype, kernel_init=_INIT, name="fc2")(x)
 
 
@@ -101,7 +103,7 @@ class CLIPEncoderLayer(nn.Module):
         h = _layer_norm(self.config, self.dtype, "layer_norm1")(x)
         x = x + CLIPAttention(self.config, self.dtype, name="self_attn")(h, allowed, deterministic)
         h = _layer_norm(self.config, self.dtype, "layer_norm2")(x)
-        return x + CLIPMLP(self.config, self.dtype, name="mlp")(h)
+        return shard_batch(x + CLIPMLP(self.config, self.dtype, name="mlp")(h))
 
 
 class CLIPEncoderLayers(nn.Module):

@@ -39,6 +39,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 from jax.sharding import PartitionSpec as P
 
 from sdjax import hlo_text as hlo_lib
+from sdjax.models import batch_sharding
 
 LANES = 128  # a TPU vreg's lane count: splash's head dim and block sizes are multiples of it
 
@@ -132,21 +133,6 @@ def splash_kernel(query, key, value, scale, *, block_sizes: splash.BlockSizes | 
     return _heads_first(out)[:, :q_len, :, :dim]
 
 
-# The mesh axes the step shards the batch over: sdjax.mesh.BATCH_AXES, which models may not import (the
-# import-linter layers in pyproject.toml); tests/test_tpu_attention.py checks they agree.
-BATCH_AXES = ("data", "fsdp")
-
-
-def _batch_axes(mesh) -> tuple[str, ...]:  # those of BATCH_AXES this mesh has
-    return tuple(name for name in BATCH_AXES if name in mesh.axis_names)
-
-
-def batch_shards() -> int:
-    """How many shards the traced step's mesh splits the batch into (1 with no mesh)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return 1 if mesh.empty else int(np.prod([mesh.shape[name] for name in _batch_axes(mesh)]))
-
-
 def attention(query, key, value, scale, *, block_sizes: splash.BlockSizes | None = None,
               interpret: bool | None = None, max_block: int = MAX_BLOCK):
     """`splash_kernel` where the step runs: under `jax.set_mesh(mesh)` (a non-empty abstract mesh), each device
@@ -171,7 +157,7 @@ def attention(query, key, value, scale, *, block_sizes: splash.BlockSizes | None
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return run(query, key, value)
-    axes, shards = _batch_axes(mesh), batch_shards()
+    axes, shards = batch_sharding.batch_axes(mesh), batch_sharding.batch_shards()
     if query.shape[0] % shards:
         raise ValueError(f"splash attention: batch {query.shape[0]} does not divide over the mesh's {axes} "
                          f"axes ({shards} shards); use a batch that is a multiple of {shards}.")

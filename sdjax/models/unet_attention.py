@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 import sdjax.models.attention as attention_lib
+from sdjax.models.batch_sharding import shard_batch
 import sdjax.models.remat as remat_lib
 
 def check_kernel(name: str) -> None:
@@ -42,13 +43,13 @@ class Attention(nn.Module):
         batch, inner_dim = hidden_states.shape[0], self.heads * self.dim_head
 
         def project(name, x):  # (batch, length, channels) -> (batch, length, heads, dim_head)
-            x = nn.Dense(inner_dim, use_bias=False, dtype=self.dtype, name=name)(x)
+            x = shard_batch(nn.Dense(inner_dim, use_bias=False, dtype=self.dtype, name=name)(x))
             return x.reshape(batch, -1, self.heads, self.dim_head)
 
         query, key, value = project("to_q", hidden_states), project("to_k", context), project("to_v", context)
         attended = attention_lib.as_kernel(self.kernel)(query, key, value, self.dim_head ** -0.5)
-        hidden_states = nn.Dense(self.query_dim, dtype=self.dtype, name="to_out_0")(
-            attended.reshape(batch, -1, inner_dim))
+        hidden_states = shard_batch(nn.Dense(self.query_dim, dtype=self.dtype, name="to_out_0")(
+            shard_batch(attended.reshape(batch, -1, inner_dim))))
         return nn.Dropout(self.dropout)(hidden_states, deterministic=deterministic)
 
 
@@ -64,7 +65,8 @@ class GEGLU(nn.Module):
         hidden_states = nn.Dense(self.dim * 4 * 2, dtype=self.dtype, name="proj")(hidden_states)
         linear, gate = jnp.split(hidden_states, 2, axis=-1)
         # The exact GELU, as PyTorch's F.gelu; diffusers' Flax GEGLU used the tanh approximation (nn.gelu's default).
-        return nn.Dropout(self.dropout)(linear * jax.nn.gelu(gate, approximate=False), deterministic=deterministic)
+        hidden_states = shard_batch(linear * jax.nn.gelu(gate, approximate=False))
+        return nn.Dropout(self.dropout)(hidden_states, deterministic=deterministic)
 
 
 class FeedForward(nn.Module):
@@ -77,7 +79,7 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, hidden_states, deterministic=True):
         hidden_states = GEGLU(self.dim, self.dropout, self.dtype, name="net_0")(hidden_states, deterministic)
-        return nn.Dense(self.dim, dtype=self.dtype, name="net_2")(hidden_states)
+        return shard_batch(nn.Dense(self.dim, dtype=self.dtype, name="net_2")(hidden_states))
 
 
 class BasicTransformerBlock(nn.Module):
@@ -102,8 +104,8 @@ class BasicTransformerBlock(nn.Module):
             norm(name="norm1")(hidden_states), first_context, deterministic)
         hidden_states = hidden_states + attention(name="attn2")(
             norm(name="norm2")(hidden_states), context, deterministic)
-        return hidden_states + FeedForward(self.dim, self.dropout, self.dtype, name="ff")(
-            norm(name="norm3")(hidden_states), deterministic)
+        return shard_batch(hidden_states + FeedForward(self.dim, self.dropout, self.dtype, name="ff")(
+            norm(name="norm3")(hidden_states), deterministic))
 
 
 class Transformer2DModel(nn.Module):
@@ -150,6 +152,7 @@ class Transformer2DModel(nn.Module):
             hidden_states = projection(inner_dim, "proj_in")(hidden_states.reshape(batch, height * width, channels))
         else:
             hidden_states = projection(inner_dim, "proj_in")(hidden_states).reshape(batch, height * width, inner_dim)
+        hidden_states = shard_batch(hidden_states)
         block = functools.partial(BasicTransformerBlock, inner_dim, self.heads, self.dim_head, self.dropout,
                                   self.only_cross_attention, self.kernel, self.dtype)
         if self.scan_layers and self.depth > 1:
@@ -169,7 +172,7 @@ class Transformer2DModel(nn.Module):
         else:
             hidden_states = projection(channels, "proj_out")(hidden_states.reshape(batch, height, width, inner_dim))
         # No dropout here nor at the end of each block, as in PyTorch (diffusers' Flax classes had both).
-        return hidden_states + residual
+        return shard_batch(hidden_states + residual)
 
 
 def _scan_blocks(block: BasicTransformerBlock, hidden_states, context, deterministic: bool, depth: int):

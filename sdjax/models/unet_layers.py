@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sdjax.models.batch_sharding import shard_batch
 import sdjax.models.remat as remat_lib
 from sdjax.models.unet_attention import Transformer2DModel
 
@@ -84,16 +85,17 @@ class ResnetBlock2D(nn.Module):
     def __call__(self, hidden_states, temb, deterministic=True):
         residual = hidden_states
         hidden_states = nn.silu(nn.GroupNorm(num_groups=32, epsilon=1e-5, name="norm1")(hidden_states))
-        hidden_states = _conv3x3(self.out_channels, self.dtype, "conv1")(hidden_states)
-        temb = nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
+        hidden_states = shard_batch(_conv3x3(self.out_channels, self.dtype, "conv1")(hidden_states))
+        temb = shard_batch(nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(
+            nn.silu(shard_batch(temb))))
         hidden_states = hidden_states + temb[:, None, None, :]
         hidden_states = nn.silu(nn.GroupNorm(num_groups=32, epsilon=1e-5, name="norm2")(hidden_states))
         hidden_states = nn.Dropout(self.dropout)(hidden_states, deterministic=deterministic)
-        hidden_states = _conv3x3(self.out_channels, self.dtype, "conv2")(hidden_states)
+        hidden_states = shard_batch(_conv3x3(self.out_channels, self.dtype, "conv2")(hidden_states))
         if self.in_channels != self.out_channels:
             residual = nn.Conv(self.out_channels, kernel_size=(1, 1), padding="VALID", dtype=self.dtype,
                                name="conv_shortcut")(residual)
-        return hidden_states + residual
+        return shard_batch(hidden_states + residual)
 
 
 class Downsample2D(nn.Module):
@@ -104,7 +106,7 @@ class Downsample2D(nn.Module):
 
     @nn.compact
     def __call__(self, hidden_states):
-        return _conv3x3(self.out_channels, self.dtype, "conv", strides=2)(hidden_states)
+        return shard_batch(_conv3x3(self.out_channels, self.dtype, "conv", strides=2)(hidden_states))
 
 
 class Upsample2D(nn.Module):
@@ -116,7 +118,7 @@ class Upsample2D(nn.Module):
     @nn.compact
     def __call__(self, hidden_states):
         hidden_states = jnp.repeat(jnp.repeat(hidden_states, 2, axis=1), 2, axis=2)
-        return _conv3x3(self.out_channels, self.dtype, "conv")(hidden_states)
+        return shard_batch(_conv3x3(self.out_channels, self.dtype, "conv")(hidden_states))
 
 
 # --- down, mid and up blocks -------------------------------------------------------------------------------
