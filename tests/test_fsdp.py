@@ -75,12 +75,15 @@ def _compiled_step_text(config) -> str:
 def test_the_fsdp_step_moves_weights_and_gradients_not_activations(tiny_config, data, fsdp):
     """Activations stay split over the batch (sdjax/models/batch_sharding.py): no all-to-all in the compiled
     step, which is how XLA moved the activations it had split over channels or heads after the FSDP-split
-    weights (unpinned, 36 of them in this step on 8 CPU devices; 203 in the demo's step compiled for v5e)."""
+    weights (unpinned: 113 of them in this step at (1, 8); 203 in the demo's step compiled for v5e)."""
     tiny_config.mesh.data, tiny_config.mesh.fsdp = data, fsdp
     tiny_config.train.remat = "full"
     text = _compiled_step_text(tiny_config)
     assert " all-gather(" in text or " all-gather-start(" in text  # FSDP's weight gathers: the check is not vacuous
-    assert text.count(" all-to-all(") == 0
+    # Allowed: the rows looked up in CLIP's FSDP-split position table, which XLA moves with one all-to-all
+    # instead of gathering the table (a weight, not an activation).
+    moved = [line for line in text.splitlines() if " all-to-all(" in line and "_embedding/" not in line]
+    assert not moved, f"{len(moved)} all-to-alls move activations, the first: {moved[0][:300]}"
 
 
 def test_shard_batch_pins_the_batch_split_only_where_it_divides(tiny_config):

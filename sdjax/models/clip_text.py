@@ -163,7 +163,7 @@ class CLIPTextEmbeddings(nn.Module):
         tokens = nn.Embed(self.config.vocab_size, width, embedding_init=_INIT, name="token_embedding")
         positions = nn.Embed(self.config.max_position_embeddings, width, embedding_init=_INIT,
                              name="position_embedding")
-        return tokens(input_ids.astype(jnp.int32)) + positions(position_ids.astype(jnp.int32))
+        return shard_batch(tokens(input_ids.astype(jnp.int32)) + positions(position_ids.astype(jnp.int32)))
 
 
 class CLIPTextTransformer(nn.Module):

@@ -62,7 +62,7 @@ class GEGLU(nn.Module):
 
     @nn.compact
     def __call__(self, hidden_states, deterministic=True):
-        hidden_states = nn.Dense(self.dim * 4 * 2, dtype=self.dtype, name="proj")(hidden_states)
+        hidden_states = shard_batch(nn.Dense(self.dim * 4 * 2, dtype=self.dtype, name="proj")(hidden_states))
         linear, gate = jnp.split(hidden_states, 2, axis=-1)
         # The exact GELU, as PyTorch's F.gelu; diffusers' Flax GEGLU used the tanh approximation (nn.gelu's default).
         hidden_states = shard_batch(linear * jax.nn.gelu(gate, approximate=False))

@@ -84,12 +84,12 @@ class ResnetBlock2D(nn.Module):
     @nn.compact
     def __call__(self, hidden_states, temb, deterministic=True):
         residual = hidden_states
-        hidden_states = nn.silu(nn.GroupNorm(num_groups=32, epsilon=1e-5, name="norm1")(hidden_states))
+        hidden_states = shard_batch(nn.silu(nn.GroupNorm(num_groups=32, epsilon=1e-5, name="norm1")(hidden_states)))
         hidden_states = shard_batch(_conv3x3(self.out_channels, self.dtype, "conv1")(hidden_states))
         temb = shard_batch(nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(
             nn.silu(shard_batch(temb))))
         hidden_states = hidden_states + temb[:, None, None, :]
-        hidden_states = nn.silu(nn.GroupNorm(num_groups=32, epsilon=1e-5, name="norm2")(hidden_states))
+        hidden_states = shard_batch(nn.silu(nn.GroupNorm(num_groups=32, epsilon=1e-5, name="norm2")(hidden_states)))
         hidden_states = nn.Dropout(self.dropout)(hidden_states, deterministic=deterministic)
         hidden_states = shard_batch(_conv3x3(self.out_channels, self.dtype, "conv2")(hidden_states))
         if self.in_channels != self.out_channels:
@@ -216,7 +216,7 @@ class _Layer(nn.Module):
     @nn.compact
     def __call__(self, hidden_states, skip, temb, context, deterministic=True):
         if skip is not None:
-            hidden_states = jnp.concatenate((hidden_states, skip), axis=-1)
+            hidden_states = shard_batch(jnp.concatenate((shard_batch(hidden_states), shard_batch(skip)), axis=-1))
         hidden_states = resnet_layer(self.in_channels, self.out_channels, self.dropout, self.remat, self.dtype,
                                      "resnet")(hidden_states, temb, deterministic)
         if self.heads:
