@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 
 import sdjax.models.tpu_attention as tpu_attention
-from sdjax.models import batch_sharding
+import sdjax.models.batch_sharding as batch_sharding
 
 def fused_attention_kernel(query: jax.Array, key: jax.Array) -> str:
     """cuDNN's flash attention where it takes the shapes (checked on jax 0.11.2 / H200: an odd key length,

@@ -39,7 +39,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 from jax.sharding import PartitionSpec as P
 
 from sdjax import hlo_text as hlo_lib
-from sdjax.models import batch_sharding
+import sdjax.models.batch_sharding as batch_sharding
 
 LANES = 128  # a TPU vreg's lane count: splash's head dim and block sizes are multiples of it
 
