@@ -24,6 +24,7 @@ DECAYS = ("constant", "linear", "cosine")
 ATTENTIONS = ("auto", "default", "memory_efficient", "dot_product", "per_head", "flash")  # sdjax/models/attention.py
 SCHEDULERS = ("ddim", "pndm", "lms", "dpm", "euler", "ddpm")  # sampling schedulers (sdjax/models/schedulers.py)
 STAGES = ("unet", "vae")  # what a run trains (train.stage): sdjax/step.py stage_components
+XLA_OPTIMIZATION_LEVELS = ("", "O0", "O1", "O2", "O3")  # train.xla_optimization_level: sdjax/step.py jit_train_step
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -139,6 +140,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.precision = "bf16"  # compute dtype; params and optimizer state stay float32
     c.train.log_every = 10
     c.train.compilation_cache_dir = "~/.cache/sdjax/xla"  # XLA's persistent cache; "" disables it
+    # XLA's effort at making the train step fast (openxla.org/xla/effort_levels): "" leaves the backend's
+    # default | "O0" | "O1" (faster compile, slower step: on TPU no pipelined FSDP all-gathers in scanned
+    # layers; SD 1.5's step compiled in N% less time, docs/planning.md) | "O2" | "O3".
+    c.train.xla_optimization_level = ""
     c.train.remat = "none"  # UNet activations recomputed in the backward pass: | "minimal" | "full" (less memory)
     c.train.grad_accum = 1  # micro-batches per step (same update, 1/grad_accum of the activation memory)
     # The frozen VAE encodes each (micro-)batch's images in this many parts in sequence (`lax.map`), each part

@@ -305,11 +305,20 @@ def merge_micro_batches(x: jax.Array, parts: int) -> jax.Array:
     return jnp.swapaxes(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
-def jit_train_step(train_step: Callable, shardings: TrainState, mesh) -> Callable:
-    """The step compiled over the mesh: state sharded and donated, batch split over data-parallel devices."""
+# XLA's ExecutionOptions effort levels (xla.proto's EffortLevel: EFFORT_O0 = 9 ... EFFORT_O3 = 39). Passed as
+# these numbers: jax 0.10's compiler options take only the number, jax 0.12's take it or its own enum.
+_XLA_EFFORT_LEVELS = {"O0": 9, "O1": 19, "O2": 29, "O3": 39}
+
+
+def jit_train_step(train_step: Callable, shardings: TrainState, mesh, optimization_level: str = "") -> Callable:
+    """The step compiled over the mesh: state sharded and donated, batch split over data-parallel devices.
+    `optimization_level` (train.xla_optimization_level): XLA's effort at a fast step, "" for its default; set on
+    this jit only, so every call of the step finds the executable compiled with it."""
+    options = {"optimization_level": _XLA_EFFORT_LEVELS[optimization_level]} if optimization_level else None
     return jax.jit(
         mesh_lib.traced_on_mesh(train_step, mesh),
         in_shardings=(shardings, mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)),
         out_shardings=(shardings, mesh_lib.replicated(mesh)),
         donate_argnums=0,
+        compiler_options=options,
     )

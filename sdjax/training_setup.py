@@ -105,5 +105,6 @@ def build(config: ml_collections.ConfigDict, devices=None, models: models_lib.Mo
     abstract_state = step_lib.abstract_train_state(models, config, tx, mesh)
     shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
     make_train_step = STAGE_PARTS[config.train.stage].make_train_step
-    train_step = step_lib.jit_train_step(make_train_step(models, config, tx, lr_schedule), shardings, mesh)
+    train_step = step_lib.jit_train_step(make_train_step(models, config, tx, lr_schedule), shardings, mesh,
+                                         config.train.get("xla_optimization_level", ""))
     return TrainingSetup(config, models, mesh, tx, lr_schedule, abstract_state, train_step)

@@ -17,7 +17,8 @@ import ml_collections
 from sdjax import data as data_lib
 from sdjax import lora as lora_lib
 from sdjax.config import (ATTENTIONS, BETA_SCHEDULES, DECAYS, OPTIMIZERS, PRECISIONS, PREDICTION_TYPES,
-                          REMAT_POLICIES, SCHEDULERS, STAGES, ConfigError, find_config_file)
+                          REMAT_POLICIES, SCHEDULERS, STAGES, XLA_OPTIMIZATION_LEVELS, ConfigError,
+                          find_config_file)
 from sdjax.data.records import MAX_BAD_FRACTION
 from sdjax.data.shapes import scene_from_caption
 from sdjax.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS
@@ -53,6 +54,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
         raise ConfigError("model.flash_min_tokens", min_tokens,
                           "expected a number of tokens >= 0 (1024: SD's two top attention levels at 512 px)")
     _choice(config, "train.remat", REMAT_POLICIES)
+    if config.train.get("xla_optimization_level", ""):
+        _choice(config, "train.xla_optimization_level", XLA_OPTIMIZATION_LEVELS)
     _choice(config, "sample.scheduler", SCHEDULERS)
     _choice(config, "train.stage", STAGES)
     _choice(config, "data.source", data_lib.SOURCES)

@@ -37,6 +37,7 @@ def test_tiny_and_demo_configs_are_valid(tiny_config):
     ("model.unet.block_out_channels", (32, 48), "multiple of 32"),
     ("model.flash_block_size", 200, "multiple of 128"),
     ("model.flash_min_tokens", -1, "number of tokens >= 0"),
+    ("train.xla_optimization_level", "fast", "expected one of ['', 'O0', 'O1', 'O2', 'O3']"),
 ])
 def test_bad_value_names_key_value_and_allowed(tiny_config, key, value, expected):
     group, _, name = key.rpartition(".")
