@@ -47,3 +47,21 @@ def test_o1_compiles_the_fsdp_step_without_pipelined_all_gathers():
         "the TPU compile at O1 has as many weight all-gathers as at XLA's default: the level did not reach it")
     assert len(o1.splitlines()) < len(default.splitlines())
     assert _compiled_text("O2").count("\n") == default.count("\n")  # TPU's default level is O2
+
+
+def test_training_setup_compiles_the_step_at_the_configured_level(monkeypatch):
+    """`sdjax train` and `sdjax plan` build their step through training_setup: the config's level reaches the
+    step's jit (recorded on the real jax.jit, nothing compiled)."""
+    from sdjax import training_setup
+    seen = []
+    real_jit = jax.jit
+
+    def recording_jit(fun, **kwargs):
+        seen.append(kwargs.get("compiler_options"))
+        return real_jit(fun, **kwargs)
+
+    config = tiny_config()
+    config.train.xla_optimization_level = "O1"
+    monkeypatch.setattr(jax, "jit", recording_jit)
+    training_setup.build(config, jax.devices()[:1])
+    assert seen[-1] == {"optimization_level": 19}, seen  # XLA's EFFORT_O1
