@@ -141,8 +141,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.log_every = 10
     c.train.compilation_cache_dir = "~/.cache/sdjax/xla"  # XLA's persistent cache; "" disables it
     # XLA's effort at making the train step fast (openxla.org/xla/effort_levels): "" leaves the backend's
-    # default (O2 on TPU) | "O0" | "O1" (compiles faster: SD 1.5's FSDP step for v5e in 278 instead of 1239 s,
-    # with 2.8 GiB more temporaries a chip and no pipelined FSDP all-gathers; docs/planning.md) | "O2" | "O3".
+    # default (O2 on TPU) | "O0" | "O1" (on TPU it compiles faster: SD 1.5's FSDP step for v5e in 278 instead
+    # of 1239 s, with 2.8 GiB more temporaries a chip and no pipelined FSDP all-gathers; docs/planning.md) |
+    # "O2" | "O3". XLA:GPU reads the levels its own way (openxla.org/xla/gpu_optimization_levels).
     c.train.xla_optimization_level = ""
     c.train.remat = "none"  # UNet activations recomputed in the backward pass: | "minimal" | "full" (less memory)
     c.train.grad_accum = 1  # micro-batches per step (same update, 1/grad_accum of the activation memory)
