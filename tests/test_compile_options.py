@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 from sdjax import mesh as mesh_lib
 from sdjax import plan as plan_lib
 from sdjax import step as step_lib
+from sdjax import training_setup
 from tiny import tiny_config
 
 _ALL_GATHER = re.compile(r" all-gather(?:-start)?\(")
@@ -52,7 +53,6 @@ def test_o1_compiles_the_fsdp_step_without_pipelined_all_gathers():
 def test_training_setup_compiles_the_step_at_the_configured_level(monkeypatch):
     """`sdjax train` and `sdjax plan` build their step through training_setup: the config's level reaches the
     step's jit (recorded on the real jax.jit, nothing compiled)."""
-    from sdjax import training_setup
     seen = []
     real_jit = jax.jit
 
