@@ -72,6 +72,7 @@ class Plan:
     loop_flops: float | None = None
     loop_bytes: float | None = None
     loop_counting: int = 0  # LOOP_COUNTING when the loops were counted
+    xla_optimization_level: str = ""  # train.xla_optimization_level the step was compiled at ("": the default)
 
 
 # The version of hlo_text's counting that `loop_flops` came from: 1 counted every window position of a
@@ -208,7 +209,8 @@ def plan_step(config: ml_collections.ConfigDict, topology: str, cache_dir: str |
     plan = Plan(topology=topology, num_devices=len(devices), global_batch=config.train.batch_size,
                 batch_per_device=config.train.batch_size // len(devices), fits=False,
                 capacity_bytes=spec.hbm_bytes if spec else None, num_slices=num_slices,
-                mesh=dict(setup.mesh.shape))
+                mesh=dict(setup.mesh.shape),
+                xla_optimization_level=config.train.get("xla_optimization_level", ""))
     start = time.perf_counter()
     try:
         lowered, compiled = setup.compile(planned_batch(setup), jax.eval_shape(lambda: jax.random.key(0)))
@@ -454,6 +456,9 @@ def format_table(plans: list[Plan]) -> str:
     lines += [f"\nbatch/dev {p.batch_per_device}: {attention_kernel_summary(p)}" for p in plans
               if p.attention_kernel_calls]
     lines += [f"\nbatch/dev {p.batch_per_device}: {loop_summary(p)}" for p in plans if p.loops]
+    lines += [f"\nbatch/dev {p.batch_per_device}: compiled at XLA optimization level {p.xla_optimization_level} "
+              "(train.xla_optimization_level): memory and speed are that level's, not the default's "
+              "(docs/planning.md)." for p in plans if p.xla_optimization_level]
     return "\n".join(lines)
 
 

@@ -156,13 +156,14 @@ def test_max_batch_of_a_real_compile_on_cpu_devices_is_confirmed_by_its_neighbou
 
 def test_cli_plan_on_cpu_devices_prints_table_and_caches(tmp_path):
     argv = ["sdjax", "plan", "--config", "configs/demo.py", "--topology", "cpu:8", "--cache_dir", str(tmp_path),
-            "--config.data.resolution=16", "--config.train.batch_size=8"]
+            "--config.data.resolution=16", "--config.train.batch_size=8", "--config.train.xla_optimization_level=O1"]
     for attempt in range(2):
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             assert cli.main(argv) == 0
         table = out.getvalue()
         assert "| cpu:8 | 1 |" in table and "yes" in table, table
+        assert "compiled at XLA optimization level O1" in table, table  # also from the cache
         assert len(os.listdir(tmp_path)) == 1  # one cached compile result, reused by the second call
 
 
