@@ -150,8 +150,8 @@ def _device_spec(topology: str, devices: list, num_slices: int = 1) -> ChipSpec 
 
 # Changes when the same config compiles to another step (2: `auto` runs splash attention on TPU; 3:
 # model.scan_layers scans runs of same-shaped UNet layers; 4: activations pinned to the batch split,
-# sdjax/models/batch_sharding.py), so plans cached before are not reused.
-STEP_VERSION = 4
+# sdjax/models/batch_sharding.py; 5: the upsampler's repeat pinned too), so plans cached before are not reused.
+STEP_VERSION = 5
 
 
 def _cache_key(config: ml_collections.ConfigDict, topology: str, num_slices: int = 1) -> str:

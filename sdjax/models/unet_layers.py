@@ -117,7 +117,9 @@ class Upsample2D(nn.Module):
 
     @nn.compact
     def __call__(self, hidden_states):
-        hidden_states = jnp.repeat(jnp.repeat(hidden_states, 2, axis=1), 2, axis=2)
+        # Pinned on both sides: jax 0.12's XLA otherwise moved the backward's sum over the repeated pixels
+        # (the transpose of the repeat) with an all-to-all (tests/test_fsdp.py).
+        hidden_states = shard_batch(jnp.repeat(shard_batch(jnp.repeat(hidden_states, 2, axis=1)), 2, axis=2))
         return shard_batch(_conv3x3(self.out_channels, self.dtype, "conv")(hidden_states))
 
 
